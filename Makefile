@@ -1,0 +1,54 @@
+# Two commands do all set-up on a fresh Debian 12 machine (as root): `make test` and `make demo`.
+# Everything is idempotent: a second run only re-runs the checks.
+
+SHELL := /bin/bash
+PY := /usr/bin/python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# Debian packages the suite needs; installed only when dpkg-query says one is missing.
+DEB_PACKAGES := python3 python3-venv python3-dev gcc
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench lint typecheck pytest deps clean
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test,bench]'
+	@touch $(STAMP)
+
+# mypy cannot see setuptools' package-dir mapping; a symlink farm shows it the faramesh.* namespace.
+.typecheck/faramesh/__init__.py:
+	@mkdir -p .typecheck/faramesh
+	@ln -sfn ../../faramesh_pkg/__init__.py .typecheck/faramesh/__init__.py
+	@for p in engine sandbox supervisor launchers; do ln -sfn ../../$$p .typecheck/faramesh/$$p; done
+
+lint: deps
+	$(VENV)/bin/ruff check engine sandbox supervisor launchers faramesh_pkg tests bench
+
+typecheck: deps .typecheck/faramesh/__init__.py
+	MYPYPATH=.typecheck $(VENV)/bin/mypy --explicit-package-bases -p faramesh
+
+pytest: deps
+	@$(VPY) -m pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+test: lint typecheck pytest
+
+demo: deps
+	$(VPY) examples/support-bot/demo.py
+
+bench: deps
+	$(VPY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Decides: policy, pipeline, WAL, providers, server, proxy, client."""

@@ -1,0 +1,1 @@
+"""FPL: grammar, loaders, compiler and the pure evaluator."""

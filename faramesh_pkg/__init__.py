@@ -1,0 +1,3 @@
+"""Faramesh: policy enforcement, provenance and OS confinement for AI agents."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Entry points: the faramesh CLI, .faramesh/bin/agent, __agent-exec."""

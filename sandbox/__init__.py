@@ -1,0 +1,1 @@
+"""Confines: one module per kernel mechanism; no policy logic."""

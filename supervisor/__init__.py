@@ -1,0 +1,1 @@
+"""The root process: child lifecycle, launch zygote, control socket."""
