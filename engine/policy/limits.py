@@ -1,0 +1,146 @@
+"""Rate limits and budgets as pure functions over a state snapshot. The engine daemon owns the state.
+
+Rate limit `N per <unit>`: a token bucket of capacity N refilled at N/unit, per agent per pattern;
+permits and defers spend a token, denies do not. Budgets: money in integer cents; a period starts
+at UTC midnight (daily), the top of the hour, Monday 00:00 (weekly) or the 1st (monthly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any
+
+from faramesh.engine.policy.model import Budget, RateLimit
+
+
+@dataclass(frozen=True, slots=True)
+class RateBucket:
+    tokens: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUsage:
+    period_start: int
+    spent_cents: int = 0
+    reserved_cents: int = 0
+    calls: int = 0
+
+
+@dataclass(frozen=True)
+class StateSnapshot:
+    """Keys: (agent_id, rate-limit pattern) and (agent_id, budget name)."""
+
+    rate: Mapping[tuple[str, str], RateBucket] = field(default_factory=lambda: MappingProxyType({}))
+    budgets: Mapping[tuple[str, str], BudgetUsage] = field(default_factory=lambda: MappingProxyType({}))
+
+
+EMPTY_STATE = StateSnapshot()
+
+
+@dataclass(frozen=True, slots=True)
+class RateResult:
+    allowed: bool
+    tokens: float  # after refill, before spending
+    retry_after_seconds: float
+
+
+def check_rate(limit: RateLimit, bucket: RateBucket | None, now: float) -> RateResult:
+    capacity = float(limit.count)
+    rate = limit.refill_per_second
+    if bucket is None:
+        tokens = capacity
+    else:
+        elapsed = max(0.0, now - bucket.updated_at)  # a clock that steps back never mints tokens
+        tokens = min(capacity, bucket.tokens + elapsed * rate)
+    if tokens >= 1.0:
+        return RateResult(True, tokens, 0.0)
+    return RateResult(False, tokens, (1.0 - tokens) / rate)
+
+
+def spend_rate(limit: RateLimit, bucket: RateBucket | None, now: float) -> RateBucket:
+    result = check_rate(limit, bucket, now)
+    return RateBucket(max(0.0, result.tokens - 1.0), now)
+
+
+def period_bounds(period: str, now: float) -> tuple[int, int]:
+    """[start, end) of the budget period containing `now`, in UTC epoch seconds."""
+    t = datetime.fromtimestamp(now, UTC)
+    if period == "hourly":
+        start = t.replace(minute=0, second=0, microsecond=0)
+        end = start + timedelta(hours=1)
+    elif period == "daily":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + timedelta(days=1)
+    elif period == "weekly":
+        start = (t - timedelta(days=t.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + timedelta(days=7)
+    else:  # monthly
+        start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return int(start.timestamp()), int(end.timestamp())
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetResult:
+    allowed: bool
+    warn: bool
+    resets_at: int
+    projected_cents: int
+
+
+def check_budget(budget: Budget, usage: BudgetUsage | None, estimate_cents: int, now: float) -> BudgetResult:
+    start, end = period_bounds(budget.period, now)
+    if usage is None or usage.period_start != start:
+        usage = BudgetUsage(start)
+    projected = usage.spent_cents + usage.reserved_cents + max(0, estimate_cents)
+    allowed = True
+    if budget.max_cents is not None and projected > budget.max_cents:
+        allowed = False
+    if budget.max_calls is not None and usage.calls + 1 > budget.max_calls:
+        allowed = False
+    warn = False
+    if budget.warn_at is not None:
+        if budget.max_cents is not None and projected >= budget.warn_at * budget.max_cents:
+            warn = True
+        if budget.max_calls is not None and usage.calls + 1 >= budget.warn_at * budget.max_calls:
+            warn = True
+    return BudgetResult(allowed, warn, end, projected)
+
+
+# Per-model prices in cents per million tokens (input, output): a built-in default table; the
+# engine may be given another one. Tools that are not model calls cost `runtime.call_cost`.
+PRICE_TABLE_CENTS_PER_MTOK: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {
+        "gpt-4o": (250, 1000),
+        "gpt-4o-mini": (15, 60),
+        "gpt-4.1": (200, 800),
+        "o3": (200, 800),
+        "claude-sonnet-4": (300, 1500),
+        "claude-opus-4": (1500, 7500),
+        "claude-haiku-3.5": (80, 400),
+        "gemini-2.5-pro": (125, 1000),
+    }
+)
+DEFAULT_OUTPUT_TOKENS = 1000
+
+
+def estimate_cost_cents(
+    args: Mapping[str, Any],
+    flat_call_cents: int,
+    prices: Mapping[str, tuple[int, int]] = PRICE_TABLE_CENTS_PER_MTOK,
+) -> int:
+    """An upper estimate reserved by a permit; settled later by the engine from reported usage."""
+    model = args.get("model") if isinstance(args, dict) else None
+    if isinstance(model, str) and model in prices:
+        in_price, out_price = prices[model]
+        in_tokens = args.get("input_tokens")
+        out_tokens = args.get("max_tokens")
+        in_tokens = in_tokens if type(in_tokens) is int and in_tokens >= 0 else 0
+        out_tokens = out_tokens if type(out_tokens) is int and out_tokens >= 0 else DEFAULT_OUTPUT_TOKENS
+        micro = in_tokens * in_price + out_tokens * out_price
+        return -(-micro // 1_000_000)  # round up: a reservation must not undercount
+    return flat_call_cents

@@ -1,0 +1,125 @@
+"""What each block may contain: field kinds, enums, and which fields hold secrets.
+
+Secret fields (tokens, passwords, key material, URLs that may carry credentials) never compile to a
+value: `env("X")` there becomes `{"$env": "X"}`, resolved by the engine from its own environment at
+start, so no compiled artifact or policy hash ever contains a secret.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from difflib import get_close_matches
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str  # str | bool | int | number | duration | list | enum | secret | secret_url | url | money
+    choices: tuple[str, ...] = ()
+    required: bool = False
+
+
+S = Field("str")
+B = Field("bool")
+D = Field("duration")
+L = Field("list")
+SECRET = Field("secret")
+SECRET_URL = Field("secret_url")
+URL = Field("url")
+
+
+def enum(*choices: str) -> Field:
+    return Field("enum", choices)
+
+
+RUNTIME: dict[str, Field] = {
+    "mode": enum("enforce", "shadow"),
+    "backend": enum("memory", "sqlite", "postgres"),
+    "postgres_url": SECRET_URL,
+    "wal_dir": S,
+    "wal_sync": enum("full", "normal"),
+    "cold_start_deny_window": D,
+    "os_tier": B,
+    "strip_ambient_credentials": B,
+    "agent_enforce_profile": enum("full", "minimal", "off"),
+    "immutable_config": B,
+    "supervised_command": S,
+    "socket": S,
+    "timezone": S,
+    "workspace": S,
+    "strip_env": L,
+    "env_allow": L,
+    "approval_ttl": D,
+    "signing_required": B,
+    "call_cost": Field("money"),
+}
+
+_COMMON_PROVIDER = {"type": Field("str", required=True), "timeout": D}
+
+PROVIDER_TYPES: dict[str, dict[str, Field]] = {
+    "vault": {"addr": URL, "token": SECRET, "mount": S, "namespace": S, "role": S, "auth_method": S},
+    "aws-secrets-manager": {"region": S, "endpoint_url": URL, "role_arn": S, "secret_prefix": S},
+    "gcp-secret-manager": {"project": S, "credentials_file": S},
+    "azure-key-vault": {"vault_url": URL, "tenant_id": S, "client_id": S, "client_secret": SECRET},
+    "kms": {
+        "backend": enum("aws-kms", "gcp-kms", "vault-transit", "azure-kv"),
+        "key_arn": S,
+        "key_id": S,
+        "key_name": S,
+        "region": S,
+        "endpoint_url": URL,
+        "addr": URL,
+        "token": SECRET,
+        "mount": S,
+    },
+    "splunk-sink": {"url": SECRET_URL, "token": SECRET, "index": S, "source": S, "sourcetype": S, "verify_tls": B},
+    "datadog-sink": {"api_key": SECRET, "site": S, "service": S, "tags": L},
+    "s3-sink": {"bucket": S, "prefix": S, "region": S, "endpoint_url": URL},
+    "webhook-sink": {"url": SECRET_URL, "secret": SECRET, "verify_tls": B},
+    "cost": {"url": SECRET_URL, "token": SECRET},
+}
+
+IDENTITY_TYPES: dict[str, dict[str, Field]] = {
+    "spiffe": {"socket": S, "trust_domain": S},
+    "oidc": {"issuer": URL, "client_id": S, "client_secret": SECRET, "audience": S, "jwks_url": URL},
+}
+
+AGENT_BLOCKS: dict[str, dict[str, Field]] = {
+    "egress": {"allow": L, "deny": L},
+    "model_policy": {"allow": L, "deny": L},
+    "session": {"max_duration": D, "idle_timeout": D},
+    "alert": {
+        "on": enum(
+            "deny",
+            "defer",
+            "permit",
+            "any",
+            "rate_exceeded",
+            "budget_warn",
+            "budget_exceeded",
+            "egress_denied",
+            "sandbox_violation",
+        ),
+        "notify": S,
+    },
+}
+REPEATABLE_AGENT_BLOCKS = frozenset({"alert"})
+
+AGENT_FIELDS: dict[str, Field] = {"command": S, "description": S}
+
+BUDGET_FIELDS: dict[str, Field] = {
+    "max": Field("money"),
+    "max_calls": Field("int"),
+    "warn_at": Field("number"),
+    "on_exceed": enum("deny", "defer", "audit"),
+    "period": enum("hourly", "daily", "weekly", "monthly"),
+}
+BUDGET_PERIODS = ("hourly", "daily", "weekly", "monthly")
+
+RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+TOP_LEVEL_BLOCKS = ("runtime", "provider", "identity", "trust", "agent", "import")
+
+
+def did_you_mean(word: str, options: list[str] | tuple[str, ...] | dict[str, Field]) -> str:
+    close = get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
