@@ -1,0 +1,83 @@
+"""Warnings `check` prints (and fails on with `--strict`): missing defaults, unreachable rules,
+shadowed rules and rules that can never match. Pure: works on the compiled policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from faramesh.engine.policy.model import CompiledPolicy, Rule
+from faramesh.engine.policy.toolid import glob_covers, glob_problem
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    ref: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "ref": self.ref, "message": self.message}
+
+
+def _const_false(cond: object) -> bool:
+    """Conditions that compare two literals and can be decided now (e.g. `1 > 2`)."""
+    if not isinstance(cond, list) or not cond:
+        return False
+    if cond[0] == "and":
+        return any(_const_false(c) for c in cond[1:])
+    if cond[0] == "or":
+        return all(_const_false(c) for c in cond[1:])
+    if cond[0] == "cmp" and cond[2][0] == "lit" and cond[3][0] == "lit":
+        from faramesh.engine.policy.conditions import compile_predicate
+
+        return not compile_predicate(cond)({})
+    return False
+
+
+def lint(policy: CompiledPolicy) -> list[Finding]:
+    findings: list[Finding] = []
+    for agent_id, agent in sorted(policy.agents.items()):
+        if agent.default is None:
+            findings.append(
+                Finding("MISSING_DEFAULT", agent.ref, f'agent "{agent_id}" has no `default`; unmatched calls are denied')
+            )
+        earlier: list[Rule] = []
+        for rule in agent.rules:
+            problem = glob_problem(rule.pattern)
+            if problem:
+                findings.append(Finding("NEVER_MATCHES", rule.ref, f"`{rule.effect} {rule.pattern}` can never match: {problem}"))
+            elif rule.condition is not None and _const_false(rule.condition):
+                findings.append(Finding("NEVER_MATCHES", rule.ref, f"the condition of `{rule.effect} {rule.pattern}` is always false"))
+            elif not rule.strict:
+                blocker = next(
+                    (e for e in earlier if e.condition is None and not e.strict and glob_covers(e.pattern, rule.pattern)),
+                    None,
+                )
+                if blocker is not None:
+                    findings.append(
+                        Finding(
+                            "UNREACHABLE_RULE",
+                            rule.ref,
+                            f"`{rule.effect} {rule.pattern}` is never reached: `{blocker.effect} {blocker.pattern}` "
+                            f"at {blocker.ref} matches first",
+                        )
+                    )
+                else:
+                    twin = next(
+                        (
+                            e
+                            for e in earlier
+                            if e.condition is not None and e.condition == rule.condition and glob_covers(e.pattern, rule.pattern)
+                        ),
+                        None,
+                    )
+                    if twin is not None:
+                        findings.append(
+                            Finding(
+                                "SHADOWED_RULE",
+                                rule.ref,
+                                f"`{rule.effect} {rule.pattern}` is shadowed by the same condition at {twin.ref}",
+                            )
+                        )
+            earlier.append(rule)
+    return findings

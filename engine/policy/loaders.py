@@ -1,0 +1,281 @@
+"""`governance.fms.yaml` / `governance.fms.json` → the same `PolicyFile` the FPL parser produces.
+
+Shape (documented in the README):
+
+    imports: ["github.com/…/policies/stripe@1.0.0", {path: "…@1.0.0", as: stripe}]
+    runtime: {mode: enforce, …}
+    providers: {vault: {type: vault, addr: 'env("VAULT_ADDR")', …}}
+    identities: {prod: {type: spiffe, …}}
+    trust: [{publisher: "github.com/faramesh/faramesh-registry", key: "ed25519:…"}]
+    rules: [...]                     # v0 flat rules (agent "default")
+    agents:
+      support-bot:
+        default: deny
+        framework: langgraph
+        command: "python agent.py"
+        rules: [{effect: permit, tool: refund, condition: "amount < $25", notify: "#x", reason: "…"}]
+        rate_limits: [{tool: refund, limit: 5, per: minute}]
+        budgets: {daily: {max: 1000, on_exceed: defer}}
+        redactions: [{tool: refund, args: [card.number]}]
+        egress: {allow: […]}  model_policy: {…}  session: {…}  alerts: [{on: deny, notify: …}]
+
+A string value written exactly `env("NAME")` is an environment reference, as in FPL.
+`effect: "deny!"` is a strict deny. YAML gives line numbers; JSON gives JSON-pointer references.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import yaml
+
+from faramesh.engine.policy.ast import (
+    AgentDecl,
+    Assignment,
+    Block,
+    BudgetDecl,
+    EnvRef,
+    ImportDecl,
+    PolicyFile,
+    RateLimitDecl,
+    RedactDecl,
+    RuleDecl,
+    TrustKeyDecl,
+    Value,
+)
+from faramesh.engine.policy.errors import PolicySchemaError, PolicySyntaxError, SourcePos
+from faramesh.engine.policy.parser import parse_condition
+from faramesh.engine.policy.schema import AGENT_BLOCKS, did_you_mean
+
+_ENV_RE = re.compile(r'^env\("([^"\\]+)"\)$')
+_TOP_KEYS = ("imports", "runtime", "providers", "identities", "trust", "agents", "rules")
+_AGENT_KEYS = (
+    "default",
+    "framework",
+    "command",
+    "description",
+    "rules",
+    "rate_limits",
+    "budgets",
+    "redactions",
+    "alerts",
+    *AGENT_BLOCKS,
+)
+
+
+class _Lines:
+    """Source positions for nodes of the document: YAML marks, or JSON pointers for JSON."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.by_id: dict[int, int] = {}
+
+    def pos(self, node: Any, fallback: SourcePos | None = None) -> SourcePos:
+        line = self.by_id.get(id(node))
+        if line is not None:
+            return SourcePos(self.file, line)
+        return fallback or SourcePos(self.file, 1)
+
+
+def _load_yaml(text: str, lines: _Lines) -> Any:
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise PolicySyntaxError(f"key {key!r} appears twice", pos=SourcePos(lines.file, key_node.start_mark.line + 1))
+            seen.add(key)
+        mapping = loader.construct_mapping(node, deep=True)
+        lines.by_id[id(mapping)] = node.start_mark.line + 1
+        return mapping
+
+    def construct_sequence(loader: yaml.SafeLoader, node: yaml.SequenceNode) -> list[Any]:
+        seq = loader.construct_sequence(node, deep=True)
+        lines.by_id[id(seq)] = node.start_mark.line + 1
+        return seq
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, construct_sequence)
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        pos = SourcePos(lines.file, mark.line + 1, mark.column + 1) if mark else None
+        raise PolicySyntaxError(f"invalid YAML: {exc.problem}", pos=pos) from None
+    except yaml.YAMLError as exc:
+        raise PolicySyntaxError(f"invalid YAML: {exc}", pos=SourcePos(lines.file, 1)) from None
+
+
+def _load_json(text: str, file: str) -> Any:
+    def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise PolicySyntaxError(f"key {k!r} appears twice", pos=SourcePos(file, 1))
+            out[k] = v
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=no_dupes)
+    except json.JSONDecodeError as exc:
+        raise PolicySyntaxError(f"invalid JSON: {exc.msg}", pos=SourcePos(file, exc.lineno, exc.colno)) from None
+
+
+class _Builder:
+    def __init__(self, lines: _Lines) -> None:
+        self.lines = lines
+        self.file = lines.file
+
+    def value(self, v: Any, pos: SourcePos) -> Value:
+        if isinstance(v, str):
+            m = _ENV_RE.match(v.strip())
+            return EnvRef(m.group(1), pos) if m else v
+        if isinstance(v, bool | int | float):
+            return v
+        if isinstance(v, list):
+            return tuple(self.value(x, pos) for x in v)
+        raise PolicySchemaError(f"unsupported value {v!r}", pos=pos)
+
+    def mapping(self, node: Any, what: str, pos: SourcePos) -> dict[str, Any]:
+        if not isinstance(node, dict):
+            raise PolicySchemaError(f"{what} must be a mapping", pos=pos)
+        return node
+
+    def seq(self, node: Any, what: str, pos: SourcePos) -> list[Any]:
+        if not isinstance(node, list):
+            raise PolicySchemaError(f"{what} must be a list", pos=pos)
+        return node
+
+    def assignments(self, node: dict[str, Any], pos: SourcePos) -> tuple[Assignment, ...]:
+        return tuple(Assignment(str(k), self.value(v, pos), pos) for k, v in node.items())
+
+    def rule(self, node: Any, ptr: str, parent: SourcePos) -> RuleDecl:
+        pos = self.lines.pos(node, parent)
+        r = self.mapping(node, f"rule {ptr}", pos)
+        unknown = set(r) - {"effect", "tool", "condition", "notify", "reason"}
+        if unknown:
+            bad = sorted(unknown)[0]
+            raise PolicySchemaError(f"unknown rule field `{bad}`" + did_you_mean(bad, ["effect", "tool", "condition", "notify", "reason"]), pos=pos)
+        effect = r.get("effect")
+        if effect not in ("permit", "defer", "deny", "deny!"):
+            raise PolicySchemaError(f"rule effect must be permit, defer, deny or deny! (got {effect!r})", pos=pos)
+        tool = r.get("tool")
+        if not isinstance(tool, str):
+            raise PolicySchemaError("rule `tool` must be a string", pos=pos)
+        cond = r.get("condition")
+        parsed = None
+        if cond is not None:
+            if not isinstance(cond, str):
+                raise PolicySchemaError("rule `condition` must be a string in FPL expression syntax", pos=pos)
+            parsed = parse_condition(cond, self.file, pos)
+        for key in ("notify", "reason"):
+            if key in r and not isinstance(r[key], str):
+                raise PolicySchemaError(f"rule `{key}` must be a string", pos=pos)
+        return RuleDecl(
+            "deny" if effect == "deny!" else effect, effect == "deny!", tool, parsed, r.get("notify"), r.get("reason"), pos
+        )
+
+    def agent(self, agent_id: str, node: Any, parent: SourcePos) -> AgentDecl:
+        pos = self.lines.pos(node, parent)
+        a = self.mapping(node, f'agent "{agent_id}"', pos)
+        for key in a:
+            if key not in _AGENT_KEYS:
+                raise PolicySchemaError(f'unknown field `{key}` in agent "{agent_id}"' + did_you_mean(key, _AGENT_KEYS), pos=pos)
+        rules = tuple(self.rule(r, f"{agent_id}/rules/{i}", pos) for i, r in enumerate(self.seq(a.get("rules", []), "rules", pos)))
+        rates = []
+        for rl in self.seq(a.get("rate_limits", []), "rate_limits", pos):
+            rpos = self.lines.pos(rl, pos)
+            rl = self.mapping(rl, "rate limit", rpos)
+            if not isinstance(rl.get("tool"), str) or type(rl.get("limit")) not in (int, float) or not isinstance(rl.get("per"), str):
+                raise PolicySchemaError("a rate limit is {tool: <glob>, limit: <number>, per: second|minute|hour|day}", pos=rpos)
+            rates.append(RateLimitDecl(rl["tool"], rl["limit"], rl["per"], rpos))
+        budgets = []
+        for name, b in self.mapping(a.get("budgets", {}), "budgets", pos).items():
+            bpos = self.lines.pos(b, pos)
+            budgets.append(BudgetDecl(str(name), self.assignments(self.mapping(b, f"budget {name}", bpos), bpos), bpos))
+        redactions = []
+        for rd in self.seq(a.get("redactions", []), "redactions", pos):
+            rpos = self.lines.pos(rd, pos)
+            rd = self.mapping(rd, "redaction", rpos)
+            if not isinstance(rd.get("tool"), str) or not isinstance(rd.get("args"), list):
+                raise PolicySchemaError("a redaction is {tool: <glob>, args: [<dotted paths>]}", pos=rpos)
+            redactions.append(RedactDecl(rd["tool"], tuple(self.value(x, rpos) for x in rd["args"]), rpos))
+        blocks = []
+        for kind in AGENT_BLOCKS:
+            if kind in a and kind != "alert":
+                bpos = self.lines.pos(a[kind], pos)
+                blocks.append(Block(kind, None, self.assignments(self.mapping(a[kind], kind, bpos), bpos), bpos))
+        for al in self.seq(a.get("alerts", []), "alerts", pos):
+            apos = self.lines.pos(al, pos)
+            blocks.append(Block("alert", None, self.assignments(self.mapping(al, "alert", apos), apos), apos))
+        fields = tuple(Assignment(k, self.value(a[k], pos), pos) for k in ("command", "description") if k in a)
+        default = a.get("default")
+        if default is not None and not isinstance(default, str):
+            raise PolicySchemaError("`default` must be permit, defer or deny", pos=pos)
+        framework = a.get("framework")
+        return AgentDecl(
+            agent_id=agent_id,
+            pos=pos,
+            default=default,
+            default_pos=pos if default is not None else None,
+            framework=framework if isinstance(framework, str) else None,
+            rules=rules,
+            rate_limits=tuple(rates),
+            budgets=tuple(budgets),
+            redactions=tuple(redactions),
+            blocks=tuple(blocks),
+            fields=fields,
+        )
+
+    def document(self, doc: Any) -> PolicyFile:
+        top = SourcePos(self.file, 1)
+        if doc is None:
+            doc = {}
+        d = self.mapping(doc, "the document", top)
+        for key in d:
+            if key not in _TOP_KEYS:
+                raise PolicySchemaError(f"unknown top-level key `{key}`" + did_you_mean(str(key), _TOP_KEYS), pos=self.lines.pos(d, top))
+        imports = []
+        for imp in self.seq(d.get("imports", []), "imports", top):
+            ipos = self.lines.pos(imp, top)
+            if isinstance(imp, str):
+                imports.append(ImportDecl(imp, None, ipos))
+            elif isinstance(imp, dict) and isinstance(imp.get("path"), str):
+                alias = imp.get("as")
+                imports.append(ImportDecl(imp["path"], alias if isinstance(alias, str) else None, ipos))
+            else:
+                raise PolicySchemaError('an import is "<path>@<version>" or {path: …, as: …}', pos=ipos)
+        blocks = []
+        if "runtime" in d:
+            rpos = self.lines.pos(d["runtime"], top)
+            blocks.append(Block("runtime", None, self.assignments(self.mapping(d["runtime"], "runtime", rpos), rpos), rpos))
+        for key, kind in (("providers", "provider"), ("identities", "identity")):
+            section = self.mapping(d.get(key, {}), key, top)
+            for label, body in section.items():
+                bpos = self.lines.pos(body, top)
+                blocks.append(Block(kind, str(label), self.assignments(self.mapping(body, f"{kind} {label}", bpos), bpos), bpos))
+        trust = []
+        for t in self.seq(d.get("trust", []), "trust", top):
+            tpos = self.lines.pos(t, top)
+            if not isinstance(t, dict) or not isinstance(t.get("publisher"), str) or not isinstance(t.get("key"), str):
+                raise PolicySchemaError('a trust entry is {publisher: "…", key: "ed25519:…"}', pos=tpos)
+            trust.append(TrustKeyDecl(t["publisher"], t["key"], tpos))
+        agents = tuple(
+            self.agent(str(aid), body, top) for aid, body in self.mapping(d.get("agents", {}), "agents", top).items()
+        )
+        flat = tuple(self.rule(r, f"rules/{i}", top) for i, r in enumerate(self.seq(d.get("rules", []), "rules", top)))
+        return PolicyFile(self.file, tuple(imports), tuple(blocks), tuple(trust), agents, flat)
+
+
+def load_yaml(text: str, file: str = "governance.fms.yaml") -> PolicyFile:
+    lines = _Lines(file)
+    return _Builder(lines).document(_load_yaml(text, lines))
+
+
+def load_json(text: str, file: str = "governance.fms.json") -> PolicyFile:
+    return _Builder(_Lines(file)).document(_load_json(text, file))

@@ -1,0 +1,385 @@
+"""The `faramesh` command line. Each command imports what it needs inside its body, so `--help`
+and `check` do not pay for the rest of the product at start-up.
+
+Exit codes (DESIGN.md §4): 0 ok · 1 check failed / policy error · 2 import or trust failure ·
+3 warnings under --strict · 4 runtime failure · 64 usage error · 70 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from faramesh.engine.policy.errors import FarameshError
+    from faramesh.engine.policy.stack import CompiledStack
+
+EXIT_OK, EXIT_FAILED, EXIT_IMPORT, EXIT_WARN, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3, 4, 64, 70
+
+app = typer.Typer(
+    name="faramesh",
+    help="Policy enforcement, provenance and OS confinement for AI agents.",
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+
+
+DirOpt = Annotated[
+    Path | None,
+    typer.Option("--dir", help="Stack directory (default: the nearest directory at or above . holding governance.fms)."),
+]
+RegistryOpt = Annotated[
+    Path | None,
+    typer.Option("--registry", help="Registry directory searched first for imports (offline)."),
+]
+FormatOpt = Annotated[Format, typer.Option("--format", help="Output format; json is a stable schema (README).")]
+SecretsOpt = Annotated[
+    bool,
+    typer.Option("--allow-literal-secrets", help="Accept secrets written literally in secret fields."),
+]
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _stack_dir(given: Path | None) -> Path:
+    from faramesh.engine.policy.stack import find_stack_dir
+
+    if given is not None:
+        return given
+    found = find_stack_dir(Path.cwd())
+    if found is None:
+        _fail_usage("no governance.fms here or in any parent directory; pass --dir or run `faramesh init`")
+    return found
+
+
+def _fail_usage(message: str) -> NoReturn:
+    sys.stderr.write(f"faramesh: {message}\n")
+    raise typer.Exit(EXIT_USAGE)
+
+
+def _source_line(err: FarameshError, stack: Path | None) -> str:
+    """`<line>` and a caret under the column, when the error points into the stack's own file."""
+    if err.pos is None or stack is None or not err.pos.line:
+        return ""
+    path = stack / err.pos.file
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    if not 0 < err.pos.line <= len(lines):
+        return ""
+    text = lines[err.pos.line - 1]
+    caret = " " * max(0, err.pos.column - 1) + "^" if err.pos.column else ""
+    return f"  {text}\n  {caret}\n" if caret else f"  {text}\n"
+
+
+def _report_error(err: FarameshError, stack: Path | None, fmt: Format) -> NoReturn:
+    if fmt is Format.json:
+        _emit_json(
+            {
+                "ok": False,
+                "error": {
+                    "code": err.code,
+                    "message": err.message,
+                    "file": err.pos.file if err.pos else None,
+                    "line": err.pos.line if err.pos else None,
+                    "column": err.pos.column if err.pos else None,
+                },
+            }
+        )
+    else:
+        where = f"{err.pos}: " if err.pos else ""
+        sys.stderr.write(f"{where}error: {err.message}\n{_source_line(err, stack)}")
+        if err.hint:
+            sys.stderr.write(f"  hint: {err.hint}\n")
+    raise typer.Exit(err.exit_code)
+
+
+def _compile(stack: Path, registry: Path | None, allow_literal_secrets: bool, fmt: Format) -> CompiledStack:
+    from faramesh.engine.policy.errors import FarameshError
+    from faramesh.engine.policy.stack import compile_stack
+
+    try:
+        return compile_stack(stack, registry=registry, allow_literal_secrets=allow_literal_secrets)
+    except FarameshError as err:
+        _report_error(err, stack, fmt)
+
+
+@app.command()
+def check(
+    dir: DirOpt = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 3 when there are warnings.")] = False,
+    registry: RegistryOpt = None,
+    allow_literal_secrets: SecretsOpt = False,
+    format: FormatOpt = Format.text,
+) -> None:
+    """Validate the stack's policy: syntax, schema, imports and signatures, warnings."""
+    stack = _stack_dir(dir)
+    compiled = _compile(stack, registry, allow_literal_secrets, format)
+    policy = compiled.policy
+    code = EXIT_WARN if strict and compiled.findings else EXIT_OK
+    if format is Format.json:
+        _emit_json(
+            {
+                "ok": code == EXIT_OK,
+                "file": compiled.source.path.name,
+                "policy_version": policy.version,
+                "agents": sorted(policy.agents),
+                "rules": sum(len(a.rules) for a in policy.agents.values()),
+                "imports": [dict(i) for i in policy.imports],
+                "warnings": [f.to_dict() for f in compiled.findings],
+            }
+        )
+    else:
+        for f in compiled.findings:
+            sys.stderr.write(f"{f.ref}: warning: {f.message} [{f.code}]\n")
+        rules = sum(len(a.rules) for a in policy.agents.values())
+        sys.stdout.write(
+            f"{compiled.source.path.name}: valid — {len(policy.agents)} agent(s), {rules} rule(s), "
+            f"{len(policy.imports)} verified import(s); policy version {policy.version[:16]}\n"
+        )
+        if code == EXIT_WARN:
+            sys.stderr.write(f"{len(compiled.findings)} warning(s) and --strict: exit 3\n")
+    raise typer.Exit(code)
+
+
+@app.command("test")
+def test_cmd(
+    dir: DirOpt = None,
+    fixture: Annotated[
+        list[Path] | None, typer.Option("--fixture", help="Fixture file to run (repeatable; default tests/*.fmtest.json).")
+    ] = None,
+    registry: RegistryOpt = None,
+    format: FormatOpt = Format.text,
+) -> None:
+    """Run decision fixtures against the compiled policy."""
+    from faramesh.engine.policy.errors import FarameshError
+    from faramesh.engine.policy.fixtures import find_fixtures, load_fixture, run_fixture
+
+    stack = _stack_dir(dir)
+    compiled = _compile(stack, registry, False, format)
+    paths = list(fixture) if fixture else find_fixtures(stack)
+    if not paths:
+        _fail_usage(f"no fixtures: {stack}/tests/*.fmtest.json is empty and no --fixture was given")
+    results = []
+    try:
+        for path in paths:
+            results.extend(run_fixture(compiled.policy, path, load_fixture(path)))
+    except FarameshError as err:
+        _report_error(err, None, format)
+    failed = [r for r in results if not r.passed]
+    if format is Format.json:
+        _emit_json({"passed": len(results) - len(failed), "failed": len(failed), "cases": [r.to_dict() for r in results]})
+    else:
+        for r in results:
+            if r.passed:
+                sys.stdout.write(f"PASS {r.fixture} :: {r.name} → {r.got['effect']}\n")
+            else:
+                sys.stdout.write(f"FAIL {r.fixture} :: {r.name}: expected {r.expected}, got {r.got}\n")
+        sys.stdout.write(f"{len(results) - len(failed)} passed, {len(failed)} failed\n")
+    raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@app.command()
+def plan(
+    dir: DirOpt = None,
+    registry: RegistryOpt = None,
+    format: FormatOpt = Format.text,
+) -> None:
+    """Compile and show what would change against the running or last applied policy."""
+    from faramesh.engine.policy.diff import diff_policies
+
+    stack = _stack_dir(dir)
+    compiled = _compile(stack, registry, False, format)
+    new = compiled.policy.to_dict()
+    base, compared_with = _plan_base(stack)
+    changes = diff_policies(base, new)
+    base_version = None
+    if base is not None:
+        import hashlib
+
+        from faramesh.engine.policy.model import canonical_json
+
+        base_version = hashlib.sha256(canonical_json(base)).hexdigest()
+    if format is Format.json:
+        _emit_json(
+            {
+                "compared_with": compared_with,
+                "base_version": base_version,
+                "new_version": compiled.policy.version,
+                "changes": [c.to_dict() for c in changes],
+            }
+        )
+        raise typer.Exit(EXIT_OK)
+    labels = {
+        "applied": f"the last applied policy (.faramesh/policy.json, version {str(base_version)[:16]})",
+        "none": "nothing: no engine is running and this stack has never been applied",
+    }
+    sys.stdout.write(f"comparing with {labels[compared_with]}\n")
+    for change in changes:
+        sys.stdout.write(change.text() + "\n")
+    if not changes:
+        sys.stdout.write("no changes\n")
+    else:
+        counts = {op: sum(1 for c in changes if c.op == op) for op in "+-~"}
+        sys.stdout.write(f"{counts['+']} added, {counts['-']} removed, {counts['~']} changed\n")
+    raise typer.Exit(EXIT_OK)
+
+
+def _plan_base(stack: Path) -> tuple[dict[str, Any] | None, str]:
+    """The policy to diff against: the running engine's (once it exists), else the applied artifact."""
+    applied = stack / ".faramesh" / "policy.json"
+    try:
+        data = json.loads(applied.read_bytes())
+    except FileNotFoundError:
+        return None, "none"
+    except (OSError, ValueError) as exc:
+        _fail_usage(f"{applied} is unreadable ({exc}); re-run `faramesh apply`")
+    if not isinstance(data, dict):
+        _fail_usage(f"{applied} is not a compiled policy; re-run `faramesh apply`")
+    return data, "applied"
+
+
+@app.command("compile")
+def compile_cmd(
+    dir: DirOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the artifact here (default: standard output).")] = None,
+    registry: RegistryOpt = None,
+    allow_literal_secrets: SecretsOpt = False,
+) -> None:
+    """Write the deterministic compiled policy (its SHA-256 is the policy version)."""
+    stack = _stack_dir(dir)
+    compiled = _compile(stack, registry, allow_literal_secrets, Format.text)
+    data = compiled.policy.to_json()
+    if out is None:
+        sys.stdout.buffer.write(data + b"\n" if sys.stdout.isatty() else data)
+    else:
+        try:
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, out)
+        except OSError as exc:
+            sys.stderr.write(f"faramesh: cannot write {out}: {exc.strerror}\n")
+            raise typer.Exit(EXIT_FAILED) from None
+    sys.stderr.write(f"policy version {compiled.policy.version}\n")
+    raise typer.Exit(EXIT_OK)
+
+
+STARTER_POLICY = """\
+# governance.fms — written by `faramesh init`. Check it with `faramesh check`,
+# try it with `faramesh test`, run it with `faramesh dev`.
+
+agent "my-agent" {
+  default deny
+
+  rules {
+    # permit: the call goes ahead
+    permit docs/search
+    # defer: a human approves or denies (`faramesh approvals`)
+    defer email/send if recipients > 10
+    permit email/send
+    # deny: refused, with a reason the agent sees
+    deny shell/* reason "no shell access"
+  }
+
+  rate_limit "email/send": 20 per hour
+}
+"""
+
+
+@app.command()
+def init(dir: DirOpt = None) -> None:
+    """Write a starter governance.fms (default deny, one rule of each effect)."""
+    from faramesh.engine.policy.stack import POLICY_FILES
+
+    target = dir or Path.cwd()
+    existing = [n for n in POLICY_FILES if (target / n).exists()]
+    if existing:
+        sys.stderr.write(f"faramesh: {target / existing[0]} already exists; init never overwrites\n")
+        raise typer.Exit(EXIT_FAILED)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with open(target / "governance.fms", "x", encoding="utf-8") as fh:
+            fh.write(STARTER_POLICY)
+    except OSError as exc:
+        sys.stderr.write(f"faramesh: cannot write {target / 'governance.fms'}: {exc.strerror}\n")
+        raise typer.Exit(EXIT_FAILED) from None
+    sys.stdout.write(f"wrote {target / 'governance.fms'}; next: faramesh check --dir {target}\n")
+    raise typer.Exit(EXIT_OK)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from faramesh import __version__
+
+        sys.stdout.write(f"faramesh {__version__}\n")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Policy enforcement, provenance and OS confinement for AI agents."""
+
+
+def _internal_error(exc: BaseException) -> int:
+    import traceback
+
+    log_dir = Path("/var/log/faramesh") if os.geteuid() == 0 else Path(
+        os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    ) / "faramesh" / "log"
+    log = log_dir / "cli-crash.log"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write("".join(traceback.format_exception(exc)))
+        where = f"details in {log}"
+    except OSError:
+        where = "and the crash log could not be written"
+    sys.stderr.write(f"faramesh: internal error ({type(exc).__name__}); this is a bug, {where}\n")
+    return EXIT_INTERNAL
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. Maps click's usage errors (exit 2) to 64 and never shows a traceback."""
+    from typer._click.exceptions import ClickException, UsageError
+
+    try:
+        result = app(args=argv, prog_name="faramesh", standalone_mode=False)
+    except typer.Exit as e:
+        return int(e.exit_code)
+    except UsageError as e:
+        e.show()
+        return EXIT_USAGE
+    except ClickException as e:
+        e.show()
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: a bug must not print a traceback
+        return _internal_error(exc)
+    # In non-standalone mode an Exit raised inside a command comes back as its return value.
+    return result if isinstance(result, int) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
