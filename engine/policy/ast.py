@@ -7,7 +7,7 @@ the compiled artifact and back: one representation, no conversion layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 from faramesh.engine.policy.errors import SourcePos
 
@@ -34,7 +34,7 @@ Value = Union[str, int, float, bool, EnvRef, BareWord, tuple["Value", ...]]
 #   ["cmp", op, operand, operand]   op in == != < <= > >= in not_in contains
 #   ["re", operand, pattern]
 #   operand: ["path", seg, ...] | ["lit", value] | ["list", operand, ...]
-Cond = list  # type: ignore[type-arg]
+Cond = list[Any]
 
 
 @dataclass(frozen=True)

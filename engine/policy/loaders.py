@@ -86,7 +86,7 @@ def _load_yaml(text: str, lines: _Lines) -> Any:
     def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+            key = loader.construct_object(key_node)
             if key in seen:
                 raise PolicySyntaxError(f"key {key!r} appears twice", pos=SourcePos(lines.file, key_node.start_mark.line + 1))
             seen.add(key)

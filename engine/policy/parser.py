@@ -120,7 +120,7 @@ class _ToAst(Transformer[Token, Any]):
     def bare_word(self, items: list[Token]) -> BareWord:
         return BareWord(str(items[0]))
 
-    def list(self, items: list[Value]) -> tuple[Value, ...]:
+    def value_list(self, items: list[Value]) -> tuple[Value, ...]:
         return tuple(i for i in items if i is not None)
 
     def env_call(self, items: list[Token]) -> EnvRef:
@@ -364,7 +364,7 @@ def parse_fpl(text: str, file: str = "governance.fms") -> PolicyFile:
     except lark.exceptions.VisitError as exc:
         inner = exc.orig_exc
         if isinstance(inner, PolicySyntaxError):
-            raise PolicySyntaxError(inner.message, pos=inner.pos or _pos(file, exc.obj.meta)) from None
+            raise PolicySyntaxError(inner.message, pos=inner.pos or _pos(file, getattr(exc.obj, "meta", None))) from None
         raise
     assert isinstance(result, PolicyFile)
     return result

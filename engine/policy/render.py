@@ -39,7 +39,7 @@ def condition_text(cond: Any, parent: str | None = None) -> str:
 def rule_text(rule: Any) -> str:
     """`permit refund if amount < 25` from a Rule or its dict form."""
     get = rule.get if isinstance(rule, dict) else lambda k, d=None: getattr(rule, k, d)
-    effect = get("effect") + ("!" if get("strict") else "")
+    effect = str(get("effect")) + ("!" if get("strict") else "")
     tool = get("tool") if isinstance(rule, dict) else rule.pattern
     text = f"{effect} {tool}"
     cond = get("condition")

@@ -7,6 +7,7 @@ start, so no compiled artifact or policy hash ever contains a secret.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from difflib import get_close_matches
 
@@ -120,6 +121,6 @@ RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 TOP_LEVEL_BLOCKS = ("runtime", "provider", "identity", "trust", "agent", "import")
 
 
-def did_you_mean(word: str, options: list[str] | tuple[str, ...] | dict[str, Field]) -> str:
+def did_you_mean(word: str, options: Iterable[str]) -> str:
     close = get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f"; did you mean `{close[0]}`?" if close else ""
