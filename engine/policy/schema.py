@@ -33,7 +33,7 @@ def enum(*choices: str) -> Field:
 
 
 RUNTIME: dict[str, Field] = {
-    "mode": enum("enforce", "shadow"),
+    "mode": enum("enforce", "audit"),
     "backend": enum("memory", "sqlite", "postgres"),
     "postgres_url": SECRET_URL,
     "wal_dir": S,
@@ -95,8 +95,9 @@ AGENT_BLOCKS: dict[str, dict[str, Field]] = {
             "permit",
             "any",
             "rate_exceeded",
-            "budget_warn",
+            "budget_warning",
             "budget_exceeded",
+            "approved",
             "egress_denied",
             "sandbox_violation",
         ),
