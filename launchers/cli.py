@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -33,14 +33,16 @@ app = typer.Typer(
 )
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     text = "text"
     json = "json"
 
 
 DirOpt = Annotated[
     Path | None,
-    typer.Option("--dir", help="Stack directory (default: the nearest directory at or above . holding governance.fms)."),
+    typer.Option(
+        "--dir", help="Stack directory (default: the nearest directory at or above . holding governance.fms)."
+    ),
 ]
 RegistryOpt = Annotated[
     Path | None,
@@ -75,17 +77,25 @@ def _fail_usage(message: str) -> NoReturn:
 
 def _source_line(err: FarameshError, stack: Path | None) -> str:
     """`<line>` and a caret under the column, when the error points into the stack's own file."""
+    import unicodedata
+
     if err.pos is None or stack is None or not err.pos.line:
         return ""
     path = stack / err.pos.file
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Split on "\n" only, as the parser counts lines: splitlines() also breaks at \f, \x85, \u2028….
+        lines = [ln.removesuffix("\r") for ln in path.read_bytes().decode("utf-8").split("\n")]
     except (OSError, UnicodeDecodeError):
         return ""
     if not 0 < err.pos.line <= len(lines):
         return ""
-    text = lines[err.pos.line - 1]
-    caret = " " * max(0, err.pos.column - 1) + "^" if err.pos.column else ""
+    # Control and format characters (NUL, ESC, BOM, zero-width) would reach the terminal raw or vanish
+    # and shift the caret: show each as one replacement character.
+    raw = lines[err.pos.line - 1]
+    text = "".join("\ufffd" if c != "\t" and unicodedata.category(c) in ("Cc", "Cf") else c for c in raw)
+    # Keep the line's tabs in the caret's indent so both expand alike in a terminal.
+    indent = "".join(c if c == "\t" else " " for c in text[: max(0, err.pos.column - 1)])
+    caret = indent + "^" if err.pos.column else ""
     return f"  {text}\n  {caret}\n" if caret else f"  {text}\n"
 
 
@@ -163,7 +173,8 @@ def check(
 def test_cmd(
     dir: DirOpt = None,
     fixture: Annotated[
-        list[Path] | None, typer.Option("--fixture", help="Fixture file to run (repeatable; default tests/*.fmtest.json).")
+        list[Path] | None,
+        typer.Option("--fixture", help="Fixture file to run (repeatable; default tests/*.fmtest.json)."),
     ] = None,
     registry: RegistryOpt = None,
     format: FormatOpt = Format.text,
@@ -185,7 +196,8 @@ def test_cmd(
         _report_error(err, None, format)
     failed = [r for r in results if not r.passed]
     if format is Format.json:
-        _emit_json({"passed": len(results) - len(failed), "failed": len(failed), "cases": [r.to_dict() for r in results]})
+        cases = [r.to_dict() for r in results]
+        _emit_json({"passed": len(results) - len(failed), "failed": len(failed), "cases": cases})
     else:
         for r in results:
             if r.passed:
@@ -209,7 +221,10 @@ def plan(
     compiled = _compile(stack, registry, False, format)
     new = compiled.policy.to_dict()
     base, compared_with = _plan_base(stack)
-    changes = diff_policies(base, new)
+    try:
+        changes = diff_policies(base, new)
+    except (KeyError, TypeError, AttributeError) as exc:
+        _fail_policy(f"{stack / '.faramesh' / 'policy.json'} is malformed ({exc!r}); re-run `faramesh apply`")
     base_version = None
     if base is not None:
         import hashlib
@@ -244,22 +259,36 @@ def plan(
 
 def _plan_base(stack: Path) -> tuple[dict[str, Any] | None, str]:
     """The policy to diff against: the running engine's (once it exists), else the applied artifact."""
+    from faramesh.engine.policy.errors import CompiledPolicyError
+    from faramesh.engine.policy.model import policy_from_json
+
     applied = stack / ".faramesh" / "policy.json"
     try:
-        data = json.loads(applied.read_bytes())
+        raw = applied.read_bytes()
     except FileNotFoundError:
         return None, "none"
-    except (OSError, ValueError) as exc:
-        _fail_usage(f"{applied} is unreadable ({exc}); re-run `faramesh apply`")
-    if not isinstance(data, dict):
-        _fail_usage(f"{applied} is not a compiled policy; re-run `faramesh apply`")
+    except OSError as exc:
+        _fail_policy(f"{applied} is unreadable ({exc.strerror}); re-run `faramesh apply`")
+    try:
+        policy_from_json(raw)  # refuses other formats and malformed artifacts
+        data = json.loads(raw)
+    except (CompiledPolicyError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        _fail_policy(f"{applied} is not a compiled policy ({exc}); re-run `faramesh apply`")
     return data, "applied"
+
+
+def _fail_policy(message: str) -> NoReturn:
+    """A broken artifact is a policy error (exit 1), not a usage error."""
+    sys.stderr.write(f"faramesh: {message}\n")
+    raise typer.Exit(EXIT_FAILED)
 
 
 @app.command("compile")
 def compile_cmd(
     dir: DirOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the artifact here (default: standard output).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the artifact here (default: standard output).")
+    ] = None,
     registry: RegistryOpt = None,
     allow_literal_secrets: SecretsOpt = False,
 ) -> None:
@@ -344,9 +373,12 @@ def _root(
 def _internal_error(exc: BaseException) -> int:
     import traceback
 
-    log_dir = Path("/var/log/faramesh") if os.geteuid() == 0 else Path(
-        os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    ) / "faramesh" / "log"
+    if os.environ.get("FARAMESH_LOG_DIR"):
+        log_dir = Path(os.environ["FARAMESH_LOG_DIR"])
+    elif os.geteuid() == 0:
+        log_dir = Path("/var/log/faramesh")
+    else:
+        log_dir = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "faramesh" / "log"
     log = log_dir / "cli-crash.log"
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -375,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - last resort: a bug must not print a traceback
+    except Exception as exc:  # last resort: a bug must not print a traceback
         return _internal_error(exc)
     # In non-standalone mode an Exit raised inside a command comes back as its return value.
     return result if isinstance(result, int) else EXIT_OK

@@ -16,7 +16,9 @@ from faramesh.engine.policy.render import rule_text
 @dataclass(frozen=True)
 class Change:
     op: str  # + - ~
-    kind: str  # agent | rule | default | rate_limit | budget | redaction | setting | provider | identity | runtime | import | trust
+    # agent | rule | rule_order | default | command | framework | rate_limit | budget | redaction | setting | alert
+    # | provider | identity | runtime | import | trust
+    kind: str
     key: str
     agent: str | None = None
     before: Any = None
@@ -34,11 +36,16 @@ class Change:
 
     def text(self) -> str:
         where = f'agent "{self.agent}" ' if self.agent else ""
+        what = f"{self.kind} {self.key}" if self.key else self.kind
         if self.op == "~":
-            return f"~ {where}{self.kind} {self.key}: {_short(self.before)} → {_short(self.after)}"
+            return f"~ {where}{what}: {_short(self.before)} → {_short(self.after)}"
         value = self.after if self.op == "+" else self.before
-        shown = "" if self.kind in ("agent", "rule") else f" = {_short(value)}"
-        return f"{self.op} {where}{self.kind} {self.key}{shown}"
+        if self.kind == "rule" and isinstance(value, dict):
+            # The whole rule, condition included: `+ rule permit refund` alone would read as "all refunds".
+            ref = f" ({value['ref']})" if value.get("ref") else ""
+            return f"{self.op} {where}rule {rule_text(value)}{ref}"
+        shown = "" if self.kind == "agent" else f" = {_short(value)}"
+        return f"{self.op} {where}{what}{shown}"
 
 
 def _short(value: Any) -> str:
@@ -115,7 +122,13 @@ def diff_policies(old: dict[str, Any] | None, new: dict[str, Any]) -> list[Chang
         def rule_key(r: dict[str, Any]) -> str:
             return f"{r['effect']}{'!' if r.get('strict') else ''} {r['tool']}"
 
-        _diff_maps("rule", _keyed(a_old.get("rules", []), rule_key), _keyed(a_new.get("rules", []), rule_key), agent_id, out)
+        old_rules, new_rules = _keyed(a_old.get("rules", []), rule_key), _keyed(a_new.get("rules", []), rule_key)
+        _diff_maps("rule", old_rules, new_rules, agent_id, out)
+        # First match wins, so moving a rule changes decisions even when every rule is unchanged.
+        kept_old = [k for k in old_rules if k in new_rules]
+        kept_new = [k for k in new_rules if k in old_rules]
+        if kept_old != kept_new:
+            out.append(Change("~", "rule_order", "", agent_id, kept_old, kept_new))
         _diff_maps(
             "rate_limit",
             _keyed(a_old.get("rate_limits", []), lambda r: r["tool"]),
@@ -138,4 +151,11 @@ def diff_policies(old: dict[str, Any] | None, new: dict[str, Any]) -> list[Chang
             out,
         )
         _diff_maps("setting", a_old.get("settings", {}), a_new.get("settings", {}), agent_id, out)
+        _diff_maps(
+            "alert",
+            _keyed(a_old.get("alerts", []), lambda a: str(a.get("on"))),
+            _keyed(a_new.get("alerts", []), lambda a: str(a.get("on"))),
+            agent_id,
+            out,
+        )
     return out

@@ -12,6 +12,7 @@ Only the `expect` keys given are compared; effects are upper-case.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,13 @@ class CaseResult:
     got: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fixture": self.fixture, "name": self.name, "passed": self.passed, "expected": self.expected, "got": self.got}
+        return {
+            "fixture": self.fixture,
+            "name": self.name,
+            "passed": self.passed,
+            "expected": self.expected,
+            "got": self.got,
+        }
 
 
 def find_fixtures(stack_dir: Path) -> list[Path]:
@@ -56,11 +63,33 @@ def load_fixture(path: Path) -> dict[str, Any]:
     return data
 
 
+def _check_case(path: Path, i: int, case: Any, data: dict[str, Any]) -> None:
+    """A malformed case is an error, never a silent pass (a typo in `expect` would assert nothing)."""
+    if not isinstance(case, dict) or not isinstance(case.get("expect"), dict):
+        raise FixtureError(f'{path}: case {i} needs an "expect" object')
+    where = f"{path}: case {i} ({case.get('name', 'unnamed')})"
+    expect = case["expect"]
+    unknown = sorted(set(expect) - set(_EXPECT_KEYS))
+    if unknown:
+        raise FixtureError(f"{where}: unknown expect key {unknown[0]!r}; expect takes {', '.join(_EXPECT_KEYS)}")
+    if not expect:
+        raise FixtureError(f"{where}: expect is empty; give at least one of {', '.join(_EXPECT_KEYS)}")
+    if not isinstance(case.get("tool"), str):
+        raise FixtureError(f'{where}: "tool" must be a string')
+    if not isinstance(case.get("agent_id", data.get("agent_id")), str):
+        raise FixtureError(f'{where}: "agent_id" must be a string (per fixture or per case)')
+    for key in ("args", "principal"):
+        if key in case and not isinstance(case[key], dict):
+            raise FixtureError(f'{where}: "{key}" must be an object')
+    when = case.get("time", data.get("time", DEFAULT_TIME))
+    if isinstance(when, bool) or not isinstance(when, int | float) or not math.isfinite(when):
+        raise FixtureError(f'{where}: "time" must be a number of epoch seconds')
+
+
 def run_fixture(policy: CompiledPolicy, path: Path, data: dict[str, Any]) -> list[CaseResult]:
     results = []
     for i, case in enumerate(data["cases"]):
-        if not isinstance(case, dict) or not isinstance(case.get("expect"), dict):
-            raise FixtureError(f'{path}: case {i} needs an "expect" object')
+        _check_case(path, i, case, data)
         name = str(case.get("name", f"case {i}"))
         agent_id = case.get("agent_id", data.get("agent_id"))
         request = {

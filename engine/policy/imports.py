@@ -19,9 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from faramesh.engine.policy.ast import ImportDecl, TrustKeyDecl
 from faramesh.engine.policy.compiler import ResolvedImport
 from faramesh.engine.policy.errors import (
@@ -166,6 +163,10 @@ def _verified(decl: ImportDecl, path: str, version: str, artifact: Path, trust: 
         raise SignatureInvalid(
             f'import "{decl.path}": signature file {sig_path} is missing or unreadable', pos=decl.pos
         ) from None
+    # Imported here: `check` on a stack without imports does not pay for cryptography.
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     if algorithm != "ed25519":
         raise SignatureInvalid(f'import "{decl.path}": signature algorithm {algorithm!r} is not ed25519', pos=decl.pos)
     public = Ed25519PublicKey.from_public_bytes(base64.b64decode(key.key.partition(":")[2]))

@@ -6,13 +6,16 @@ import json
 from typing import Any
 
 _OPS = {"not_in": "not in"}
+_ROOTS = ("args", "tool", "agent", "principal", "time")  # conditions.ROOTS, without importing re2
 
 
 def operand_text(node: list[Any]) -> str:
     kind = node[0]
     if kind == "path":
         segs = node[1:]
-        return ".".join(segs[1:]) if segs[0] == "args" and len(segs) > 1 else ".".join(segs)
+        # `args.x` reads as the bare `x`, except where the bare name would mean a root (`args.tool` ≠ `tool`).
+        shorthand = segs[0] == "args" and len(segs) > 1 and segs[1] not in _ROOTS
+        return ".".join(segs[1:]) if shorthand else ".".join(segs)
     if kind == "lit":
         return json.dumps(node[1], ensure_ascii=False)
     if kind == "list":
@@ -45,4 +48,7 @@ def rule_text(rule: Any) -> str:
     cond = get("condition")
     if cond is not None:
         text += " if " + condition_text(cond)
+    for key in ("notify", "reason"):
+        if get(key) is not None:
+            text += f" {key} {json.dumps(get(key), ensure_ascii=False)}"
     return text

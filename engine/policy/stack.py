@@ -17,7 +17,6 @@ from faramesh.engine.policy.compiler import CompileOptions, compile_files
 from faramesh.engine.policy.errors import PolicyLoadError
 from faramesh.engine.policy.imports import registry_search_path, resolve_import
 from faramesh.engine.policy.lint import Finding, lint
-from faramesh.engine.policy.loaders import load_json, load_yaml
 from faramesh.engine.policy.model import CompiledPolicy
 from faramesh.engine.policy.parser import parse_fpl
 
@@ -78,11 +77,12 @@ def read_stack(directory: Path) -> StackSource:
 
 def parse_source(source: StackSource) -> PolicyFile:
     name = source.path.name
-    if name.endswith(".yaml"):
-        return load_yaml(source.text, name)
-    if name.endswith(".json"):
-        return load_json(source.text, name)
-    return parse_fpl(source.text, name)
+    if not name.endswith((".yaml", ".json")):
+        return parse_fpl(source.text, name)
+    # Imported here: PyYAML costs start-up time that a `governance.fms` stack never needs.
+    from faramesh.engine.policy.loaders import load_json, load_yaml
+
+    return load_yaml(source.text, name) if name.endswith(".yaml") else load_json(source.text, name)
 
 
 def compile_stack(
