@@ -272,11 +272,6 @@ def test_check_unknown_field_says_did_you_mean(
     no_traceback(out, err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG engine/policy/parser.py + schema.py: a misspelt agent keyword (`defualt deny`, `rulez {`, "
-    "`defualt = deny`) is a bare syntax error or has no suggestion, instead of 'did you mean'",
-)
 @pytest.mark.parametrize(
     ("source", "suggestion"),
     [
@@ -397,11 +392,6 @@ def test_check_flipped_byte_in_the_vendored_support_bot_registry_exits_2(
     no_traceback(out, err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG engine/policy/imports.py:172: a trust key that is valid base64 but not 32 bytes makes "
-    "Ed25519PublicKey.from_public_bytes raise ValueError -> internal error (exit 70)",
-)
 def test_check_malformed_trust_key_is_a_clear_error_not_an_internal_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

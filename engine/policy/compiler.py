@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from faramesh.engine.policy.ast import (
     EnvRef,
     PolicyFile,
     RuleDecl,
+    TrustKeyDecl,
     Value,
 )
 from faramesh.engine.policy.conditions import normalize
@@ -43,6 +45,7 @@ AGENT_ID_RE = re.compile(r"[A-Za-z0-9_.:@\-]+(?:/[A-Za-z0-9_.:@\-]+)*")
 _DURATION_RE = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 DEFAULT_AGENT = "default"
+MAX_CONDITION_DEPTH = 64  # nested lists of the JSON-shaped condition (see ast.Cond)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class _Compiler:
         self.env = env
         self.options = options
         self.literal_secrets: dict[str, str] = {}
+        self._literal_owner: dict[str, str] = {}  # $env name → the field it was made for
 
     # ---- values
     def plain(self, value: Value, pos: SourcePos, what: str) -> Any:
@@ -98,7 +102,7 @@ class _Compiler:
             if isinstance(a.value, EnvRef):
                 return {"$env": a.value.name}
             if isinstance(a.value, str):
-                if spec.kind == "secret_url" and not _url_carries_credentials(a.value):
+                if spec.kind == "secret_url" and _is_credential_free_url(a.value):
                     return a.value
                 if not self.options.allow_literal_secrets:
                     raise PolicySecretError(
@@ -108,6 +112,10 @@ class _Compiler:
                     )
                 # The value goes to the engine's environment file (written by `apply`), never the artifact.
                 var = "FARAMESH_LITERAL_" + re.sub(r"[^A-Z0-9]+", "_", name.upper()).strip("_")
+                if self._literal_owner.setdefault(var, name) != name:
+                    # `provider "v-1"` and `provider "v_1"` flatten alike: keep their references apart.
+                    var += "_" + hashlib.sha256(name.encode()).hexdigest()[:8].upper()
+                    self._literal_owner[var] = name
                 self.literal_secrets[var] = a.value
                 return {"$env": var}
             raise PolicySchemaError(f"`{name}` must be env(\"…\") or a string", pos=a.pos)
@@ -216,26 +224,13 @@ class _Compiler:
         return runtime or {}, providers, identities
 
     def trust(self, pf: PolicyFile) -> list[dict[str, str]]:
-        out = []
-        seen: set[str] = set()
-        for key in pf.trust:
-            algo, _, b64 = key.key.partition(":")
-            try:
-                raw = base64.b64decode(b64, validate=True)
-            except (binascii.Error, ValueError):
-                raw = b""
-            if algo != "ed25519" or len(raw) != 32:
-                raise PolicySchemaError(
-                    f'trust key for "{key.publisher}" must be ed25519:<base64 of 32 bytes>', pos=key.pos
-                )
-            if key.publisher in seen:
-                raise PolicySchemaError(f'trust key for "{key.publisher}" is given twice', pos=key.pos)
-            seen.add(key.publisher)
-            out.append({"publisher": key.publisher, "key": key.key})
-        return out
+        return validate_trust(pf.trust)
 
     # ---- agents
     def rule(self, r: RuleDecl, index_ref: str, origin: str | None) -> dict[str, Any]:
+        if r.condition is not None and _nesting(r.condition) > MAX_CONDITION_DEPTH:
+            # Checked without recursion, so normalising, compiling and evaluating never hit the stack limit.
+            raise PolicySchemaError(f"the condition is nested more than {MAX_CONDITION_DEPTH} levels deep", pos=r.pos)
         out: dict[str, Any] = {
             "effect": r.effect,
             "strict": r.strict,
@@ -332,6 +327,14 @@ class _Compiler:
                 raise PolicySchemaError(f"`{block.kind}` is declared twice in this agent", pos=block.pos)
             else:
                 settings[block.kind] = values
+        for assignment in a.fields:
+            if assignment.name not in schema.AGENT_FIELDS:
+                options = [*schema.AGENT_FIELDS, *schema.AGENT_BLOCKS, "default", "rules", "framework", "budget"]
+                raise PolicySchemaError(
+                    f'unknown field `{assignment.name}` in agent "{a.agent_id}"'
+                    + schema.did_you_mean(assignment.name, options),
+                    pos=assignment.pos,
+                )
         extra = self.fields(a.fields, schema.AGENT_FIELDS, f'agent "{a.agent_id}"')
         return {
             "agent_id": a.agent_id,
@@ -365,6 +368,25 @@ class _Compiler:
         return agents
 
 
+def validate_trust(keys: tuple[TrustKeyDecl, ...]) -> list[dict[str, str]]:
+    """Check the stack's pinned keys. Runs before imports resolve, since they are verified with these."""
+    out = []
+    seen: set[str] = set()
+    for key in keys:
+        algo, _, b64 = key.key.partition(":")
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if algo != "ed25519" or len(raw) != 32:
+            raise PolicySchemaError(f'trust key for "{key.publisher}" must be ed25519:<base64 of 32 bytes>', pos=key.pos)
+        if key.publisher in seen:
+            raise PolicySchemaError(f'trust key for "{key.publisher}" is given twice', pos=key.pos)
+        seen.add(key.publisher)
+        out.append({"publisher": key.publisher, "key": key.key})
+    return out
+
+
 def _merge_agent(local: dict[str, Any], imported: dict[str, Any]) -> None:
     local["rules"].extend(imported["rules"])
     for key in ("rate_limits", "budgets", "redactions", "alerts"):
@@ -374,6 +396,31 @@ def _merge_agent(local: dict[str, Any], imported: dict[str, Any]) -> None:
             local[key] = imported.get(key)
     for kind, values in imported["settings"].items():
         local["settings"].setdefault(kind, values)
+
+
+def _nesting(cond: Any) -> int:
+    deepest, stack = 0, [(cond, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_CONDITION_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in node if isinstance(child, list))
+    return deepest
+
+
+def _is_credential_free_url(value: str) -> bool:
+    """A literal a secret URL field may keep: `scheme://host/path`, no user info, query or fragment.
+
+    Anything else (a libpq `host=… password=…` string, a bare token) is treated as a secret.
+    """
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    if not parts.scheme or not parts.netloc or any(ch.isspace() for ch in value):
+        return False
+    return not (_url_carries_credentials(value) or parts.fragment)
 
 
 def _url_carries_credentials(url: str) -> bool:
@@ -418,7 +465,9 @@ def compile_files(
     agents = c.file_agents(main, local_ref, None)
     import_records = []
     for imp in imports:
-        c.file_blocks(imp.file)  # validated, never applied (see module docstring)
+        # Validated, never applied (see module docstring); a separate compiler so that literal
+        # secrets in an artifact can never land in (or overwrite) the stack's own references.
+        _Compiler(c.env, c.options).file_blocks(imp.file)
         if imp.file.imports:
             raise PolicySchemaError(
                 f"imported artifact {imp.path} has imports of its own, which are not supported",

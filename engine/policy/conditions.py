@@ -177,14 +177,27 @@ def typed_equal(a: Any, b: Any) -> bool | None:
     ka, kb = _kind(a), _kind(b)
     if ka is None or ka != kb:
         return None
-    if ka == "list":
-        if len(a) != len(b):
+    if ka != "list":
+        return bool(a == b)
+    # Lists: iterative, so arguments nested deeper than Python's recursion limit still compare.
+    pending = [(a, b)]
+    seen: set[tuple[int, int]] = set()
+    while pending:
+        x, y = pending.pop()
+        if (id(x), id(y)) in seen:
+            continue
+        seen.add((id(x), id(y)))
+        if len(x) != len(y):
             return False
-        for x, y in zip(a, b, strict=True):
-            if typed_equal(x, y) is not True:
+        for p, q in zip(x, y, strict=True):
+            kp = _kind(p)
+            if kp is None or kp != _kind(q):
                 return False
-        return True
-    return bool(a == b)
+            if kp == "list":
+                pending.append((p, q))
+            elif p != q:
+                return False
+    return True
 
 
 def _member(needle: Any, hay: Any) -> bool | None:

@@ -24,6 +24,7 @@ _EFFECTS = {"permit": PERMIT, "defer": DEFER, "deny": DENY}
 _CODES = {PERMIT: "POLICY_PERMIT", DEFER: "POLICY_DEFER", DENY: "POLICY_DENY"}
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _CANDIDATE_CACHE_MAX = 4096
+_MAX_TIME = 253_370_764_800  # 9999-01-01T00:00:00Z: budget periods beyond it overflow datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ def _decide_rules(agent: Agent, rules: tuple[Rule, ...], ctx: Mapping[str, Any],
 def _apply_limits(
     policy: CompiledPolicy, agent: Agent, decision: Decision, args: dict[str, Any], now: Any, state: StateSnapshot
 ) -> Decision:
-    if type(now) not in (int, float):
+    if type(now) not in (int, float) or not 0 <= now < _MAX_TIME:  # NaN fails the range test too
         return _deny("INVALID_REQUEST", "rate limits and budgets need the request time", decision.tool)
     tool = decision.tool or ""
     for limit in agent.rate_limits:

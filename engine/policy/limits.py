@@ -63,7 +63,9 @@ def check_rate(limit: RateLimit, bucket: RateBucket | None, now: float) -> RateR
 
 def spend_rate(limit: RateLimit, bucket: RateBucket | None, now: float) -> RateBucket:
     result = check_rate(limit, bucket, now)
-    return RateBucket(max(0.0, result.tokens - 1.0), now)
+    # Keep the latest time seen: a clock that steps back and then forward must not refill twice.
+    updated = now if bucket is None else max(bucket.updated_at, now)
+    return RateBucket(max(0.0, result.tokens - 1.0), updated)
 
 
 def period_bounds(period: str, now: float) -> tuple[int, int]:

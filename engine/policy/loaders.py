@@ -20,12 +20,14 @@ Shape (documented in the README):
         egress: {allow: […]}  model_policy: {…}  session: {…}  alerts: [{on: deny, notify: …}]
 
 A string value written exactly `env("NAME")` is an environment reference, as in FPL.
-`effect: "deny!"` is a strict deny. YAML gives line numbers; JSON gives JSON-pointer references.
+`effect: "deny!"` is a strict deny. Both formats give line numbers (the line where a mapping starts).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
+import json.scanner
 import re
 from typing import Any
 
@@ -50,6 +52,8 @@ from faramesh.engine.policy.parser import parse_condition
 from faramesh.engine.policy.schema import AGENT_BLOCKS, did_you_mean
 
 _ENV_RE = re.compile(r'^env\("([^"\\]+)"\)$')
+_YAML_BOOL = "tag:yaml.org,2002:bool"
+_YAML_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _TOP_KEYS = ("imports", "runtime", "providers", "identities", "trust", "agents", "rules")
 _AGENT_KEYS = (
     "default",
@@ -61,7 +65,9 @@ _AGENT_KEYS = (
     "budgets",
     "redactions",
     "alerts",
-    *AGENT_BLOCKS,
+    # `alert` repeats, so YAML/JSON spell it `alerts: [...]`; a singular `alert:` key is unknown
+    # (and gets "did you mean `alerts`") rather than silently dropped.
+    *(kind for kind in AGENT_BLOCKS if kind != "alert"),
 )
 
 
@@ -81,7 +87,24 @@ class _Lines:
 
 def _load_yaml(text: str, lines: _Lines) -> Any:
     class Loader(yaml.SafeLoader):
-        pass
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            # Anchors/aliases let a few lines expand into gigabytes ("billion laughs"); a policy
+            # never needs them, so they are refused outright.
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise PolicySyntaxError(
+                    "YAML aliases (*name) are not allowed in a policy",
+                    pos=SourcePos(lines.file, event.start_mark.line + 1, event.start_mark.column + 1),
+                )
+            return super().compose_node(parent, index)
+
+    # YAML 1.1 reads `on`, `off`, `yes`, `no` as booleans, which turns `alerts: [{on: deny}]` into
+    # `{True: "deny"}`. Only true/false are booleans here (as in YAML 1.2 and FPL).
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != _YAML_BOOL]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(_YAML_BOOL, _YAML_BOOL_RE, list("tTfF"))
 
     def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -109,21 +132,56 @@ def _load_yaml(text: str, lines: _Lines) -> Any:
         raise PolicySyntaxError(f"invalid YAML: {exc.problem}", pos=pos) from None
     except yaml.YAMLError as exc:
         raise PolicySyntaxError(f"invalid YAML: {exc}", pos=SourcePos(lines.file, 1)) from None
+    except RecursionError:
+        raise PolicySyntaxError("invalid YAML: nested too deeply", pos=SourcePos(lines.file, 1)) from None
 
 
-def _load_json(text: str, file: str) -> Any:
+def _load_json(text: str, lines: _Lines) -> Any:
+    file = lines.file
+
     def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in pairs:
             if k in out:
-                raise PolicySyntaxError(f"key {k!r} appears twice", pos=SourcePos(file, 1))
+                raise PolicySyntaxError(f"key {k!r} appears twice")  # the position is added below
             out[k] = v
         return out
 
+    # The stdlib decoder keeps no positions; wrap its object/array parsers (pure-Python scanner) so
+    # every mapping and list remembers the line it starts on, as YAML nodes do.
+    decoder: Any = json.JSONDecoder(object_pairs_hook=no_dupes)  # its parser hooks are untyped
+    parse_object, parse_array = decoder.parse_object, decoder.parse_array
+
+    newlines = [i for i, ch in enumerate(text) if ch == "\n"]
+
+    def line_at(offset: int) -> int:
+        return bisect.bisect_left(newlines, offset) + 1
+
+    def tracked_object(s_and_end: tuple[str, int], *rest: Any) -> tuple[Any, int]:
+        start = s_and_end[1] - 1
+        try:
+            value, end = parse_object(s_and_end, *rest)
+        except PolicySyntaxError as exc:
+            if exc.pos is not None:
+                raise
+            raise PolicySyntaxError(exc.message, pos=SourcePos(file, line_at(start))) from None
+        lines.by_id[id(value)] = line_at(start)
+        return value, end
+
+    def tracked_array(s_and_end: tuple[str, int], *rest: Any) -> tuple[Any, int]:
+        value, end = parse_array(s_and_end, *rest)
+        lines.by_id[id(value)] = line_at(s_and_end[1] - 1)
+        return value, end
+
+    decoder.parse_object = tracked_object
+    decoder.parse_array = tracked_array
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
     try:
-        return json.loads(text, object_pairs_hook=no_dupes)
+        return decoder.decode(text)
     except json.JSONDecodeError as exc:
         raise PolicySyntaxError(f"invalid JSON: {exc.msg}", pos=SourcePos(file, exc.lineno, exc.colno)) from None
+    except RecursionError:
+        raise PolicySyntaxError("invalid JSON: nested too deeply", pos=SourcePos(file, 1)) from None
 
 
 class _Builder:
@@ -278,4 +336,5 @@ def load_yaml(text: str, file: str = "governance.fms.yaml") -> PolicyFile:
 
 
 def load_json(text: str, file: str = "governance.fms.json") -> PolicyFile:
-    return _Builder(_Lines(file)).document(_load_json(text, file))
+    lines = _Lines(file)
+    return _Builder(lines).document(_load_json(text, lines))

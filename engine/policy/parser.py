@@ -338,10 +338,40 @@ def _describe_expected(expected: set[str]) -> str:
     return ", ".join(names[:8]) + (" …" if len(names) > 8 else "")
 
 
-def _syntax_error(exc: lark.exceptions.UnexpectedInput, file: str) -> PolicySyntaxError:
+KEYWORDS = (
+    "import", "runtime", "provider", "identity", "trust", "agent", "default", "rules", "framework",
+    "rate_limit", "budget", "redact", "egress", "model_policy", "session", "alert", "permit", "defer",
+    "deny", "notify", "reason", "command", "when", "matches", "contains",
+)  # fmt: skip
+_WORD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _keyword_hint(text: str | None, line: int) -> str:
+    """A misspelt keyword near a syntax error (`defualt deny`, `rulez {`): say what was meant."""
+    if not text or line <= 0:
+        return ""
+    from difflib import get_close_matches
+
+    lines = text.split("\n")
+    for number in range(line, max(0, line - 2), -1):
+        if number > len(lines):
+            continue
+        for word in _WORD_RE.findall(lines[number - 1].split("#", 1)[0]):
+            if word in KEYWORDS or len(word) < 4:
+                continue
+            close = get_close_matches(word, KEYWORDS, n=1, cutoff=0.75)
+            if close:
+                return f"; did you mean `{close[0]}` (line {number} has `{word}`)?"
+    return ""
+
+
+def _syntax_error(exc: lark.exceptions.UnexpectedInput, file: str, text: str | None = None) -> PolicySyntaxError:
     pos = SourcePos(file, getattr(exc, "line", 0) or 0, getattr(exc, "column", 0) or 0)
     if isinstance(exc, lark.exceptions.UnexpectedToken):
         tok = exc.token
+        if tok.type == "$END" and tok.end_line:
+            # lark gives $END the position of the last token; the file ends *after* it.
+            pos = SourcePos(file, tok.end_line, tok.end_column or 0)
         shown = "end of file" if tok.type == "$END" else repr(str(tok))
         message = f"unexpected {shown}; expected {_describe_expected(set(exc.expected))}"
     elif isinstance(exc, lark.exceptions.UnexpectedCharacters):
@@ -351,7 +381,11 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, file: str) -> PolicySynt
             message += f"; expected {_describe_expected(set(allowed))}"
     else:
         message = "unexpected end of file"
-    return PolicySyntaxError(message, pos=pos)
+    return PolicySyntaxError(message + _keyword_hint(text, pos.line), pos=pos)
+
+
+def _too_deep(file: str) -> PolicySyntaxError:
+    return PolicySyntaxError("an expression or list is nested too deeply", pos=SourcePos(file, 1))
 
 
 def parse_fpl(text: str, file: str = "governance.fms") -> PolicyFile:
@@ -360,12 +394,16 @@ def parse_fpl(text: str, file: str = "governance.fms") -> PolicyFile:
         tree = _parser().parse(text, start="start")
         result = _ToAst(file).transform(tree)
     except lark.exceptions.UnexpectedInput as exc:
-        raise _syntax_error(exc, file) from None
+        raise _syntax_error(exc, file, text) from None
     except lark.exceptions.VisitError as exc:
         inner = exc.orig_exc
         if isinstance(inner, PolicySyntaxError):
             raise PolicySyntaxError(inner.message, pos=inner.pos or _pos(file, getattr(exc.obj, "meta", None))) from None
+        if isinstance(inner, RecursionError):
+            raise _too_deep(file) from None
         raise
+    except RecursionError:
+        raise _too_deep(file) from None
     assert isinstance(result, PolicyFile)
     return result
 
@@ -380,4 +418,6 @@ def parse_condition(text: str, file: str, pos: SourcePos | None = None) -> Cond:
         raise PolicySyntaxError(f"in condition {text!r}: {err.message}", pos=pos) from None
     except lark.exceptions.VisitError as exc:
         raise PolicySyntaxError(f"in condition {text!r}: {exc.orig_exc}", pos=pos) from None
+    except RecursionError:
+        raise PolicySyntaxError(f"in condition {text[:40]!r}…: nested too deeply", pos=pos) from None
     return _as_cond(result)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faramesh.engine.policy.ast import PolicyFile
-from faramesh.engine.policy.compiler import CompileOptions, compile_files
+from faramesh.engine.policy.compiler import CompileOptions, compile_files, validate_trust
 from faramesh.engine.policy.errors import PolicyLoadError
 from faramesh.engine.policy.imports import registry_search_path, resolve_import
 from faramesh.engine.policy.lint import Finding, lint
@@ -70,6 +70,7 @@ def read_stack(directory: Path) -> StackSource:
         raise PolicyLoadError(f"{path} is larger than {MAX_POLICY_BYTES // (1024 * 1024)} MiB")
     try:
         text = raw.decode("utf-8")
+        text = text.removeprefix("\ufeff")  # editors on some platforms write a BOM
     except UnicodeDecodeError as exc:
         raise PolicyLoadError(f"{path} is not UTF-8 (byte {exc.start})") from None
     return StackSource(directory, path, text, hashlib.sha256(raw).hexdigest())
@@ -96,6 +97,7 @@ def compile_stack(
     env = dict(os.environ) if env is None else env
     source = read_stack(directory)
     parsed = parse_source(source)
+    validate_trust(parsed.trust)  # imports are verified with these keys: check them first
     roots = registry_search_path(registry, env, directory)
     resolved = tuple(resolve_import(decl, roots, parsed.trust) for decl in parsed.imports)
     secrets: dict[str, str] = {}

@@ -26,7 +26,7 @@ def canonical_tool_id(raw: object) -> str | None:
     if not isinstance(raw, str) or not raw or len(raw) > MAX_TOOL_ID_LENGTH:
         return None
     text = raw if raw.isascii() else unicodedata.normalize("NFKC", raw)
-    if not text.isascii() or _CANONICAL_RE.fullmatch(text) is None:
+    if not text.isascii() or len(text) > MAX_TOOL_ID_LENGTH or _CANONICAL_RE.fullmatch(text) is None:
         return None
     if "." in text:
         padded = f"/{text}/"
