@@ -353,6 +353,208 @@ def init(dir: DirOpt = None) -> None:
     raise typer.Exit(EXIT_OK)
 
 
+@app.command()
+def dev(dir: DirOpt = None, registry: RegistryOpt = None) -> None:
+    """Run the engine in the foreground with in-process stubs (in-memory WAL, no sandbox)."""
+    from faramesh.engine.runner import dev_server, run, stack_paths
+
+    stack = _stack_dir(dir)
+    compiled = _compile(stack, registry, False, Format.text)
+    server = dev_server(compiled.policy, stack, stack_paths(stack))
+    raise typer.Exit(run(server))
+
+
+@app.command()
+def serve(
+    dir: DirOpt = None,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="Compiled policy to serve (default: the copy `apply` installed).")
+    ] = None,
+) -> None:
+    """Run the production engine from the installed compiled policy (never reads governance.fms)."""
+    from faramesh.launchers.serve import main as serve_main
+
+    argv = (["--dir", str(dir)] if dir else []) + (["--policy", str(policy)] if policy else [])
+    raise typer.Exit(serve_main(argv))
+
+
+def _engine_request(stack: Path, message: dict[str, Any], socket_path: Path | None = None) -> dict[str, Any]:
+    """One request to the running engine's operator (or dev) socket; exits 4 when none answers."""
+    import socket as socketlib
+
+    from faramesh.engine.runner import stack_paths
+
+    candidates = [socket_path] if socket_path else []
+    paths = stack_paths(stack)
+    candidates += [paths.operator_socket, paths.dev_socket]
+    last_error = "no engine socket found"
+    for path in candidates:
+        if path is None or not path.exists():
+            continue
+        try:
+            with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(str(path))
+                sock.sendall(json.dumps(message).encode() + b"\n")
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            reply = json.loads(data)
+        except (OSError, ValueError) as exc:
+            last_error = f"{path}: {exc}"
+            continue
+        if not isinstance(reply, dict):
+            last_error = f"{path}: unreadable reply"
+            continue
+        return reply
+    sys.stderr.write(f"faramesh: the engine for {stack} is not running ({last_error})\n")
+    raise typer.Exit(EXIT_RUNTIME)
+
+
+SocketOpt = Annotated[
+    Path | None, typer.Option("--socket", help="Engine socket (default: the stack's operator or dev socket).")
+]
+
+
+@app.command()
+def status(dir: DirOpt = None, socket: SocketOpt = None, format: FormatOpt = Format.text) -> None:
+    """Engine state, policy, WAL, budgets and approvals. Exit 0 READY, 2 initialising, 3 degraded, 4 down."""
+    stack = _stack_dir(dir)
+    reply = _engine_request(stack, {"type": "status"}, socket)
+    if "error" in reply:
+        code = reply["error"].get("code")
+        if format is Format.json:
+            _emit_json(
+                {
+                    "daemon": {"state": "INITIALIZING" if code == "DAEMON_NOT_READY" else "UNKNOWN"},
+                    "error": reply["error"],
+                }
+            )
+        else:
+            sys.stdout.write(f"engine: {reply['error'].get('message')}\n")
+        raise typer.Exit(EXIT_IMPORT if code == "DAEMON_NOT_READY" else EXIT_RUNTIME)
+    daemon = reply["daemon"]
+    if format is Format.json:
+        _emit_json(reply)
+    else:
+        wal = daemon["wal"]
+        sys.stdout.write(
+            f"engine    {daemon['state']}{' (degraded: ' + str(daemon['last_error']) + ')' if daemon['degraded'] else ''}"
+            f"  pid {daemon['pid']}  up {daemon['uptime_seconds']}s  mode {daemon['mode']}{'  dev' if daemon['dev'] else ''}\n"
+            f"policy    {daemon['policy_version'][:16]}  applied {daemon['applied_at']}\n"
+            f"wal       {wal['backend']} {wal.get('path') or ''} seq {wal['seq']} signed through {wal['signed_through']}\n"
+            f"approvals {reply['approvals']['pending']} pending\n"
+        )
+        for b in reply["budgets"]:
+            sys.stdout.write(
+                f"budget    {b['agent_id']}/{b['name']}: {b['spent_cents'] + b['reserved_cents']}c of {b['max_cents']}c, {b['calls']} calls\n"
+            )
+    if daemon["state"] != "READY":
+        raise typer.Exit(EXIT_IMPORT)
+    raise typer.Exit(EXIT_WARN if daemon["degraded"] else EXIT_OK)
+
+
+approvals_app = typer.Typer(
+    help="List, show, approve and deny deferred calls.", no_args_is_help=True, rich_markup_mode=None
+)
+app.add_typer(approvals_app, name="approvals")
+
+
+@approvals_app.command("list")
+def approvals_list(
+    dir: DirOpt = None,
+    socket: SocketOpt = None,
+    all: Annotated[bool, typer.Option("--all", help="Include resolved and expired approvals.")] = False,
+    format: FormatOpt = Format.text,
+) -> None:
+    """Pending approvals (all of them with --all)."""
+    reply = _engine_request(_stack_dir(dir), {"type": "approvals_list", "all": all}, socket)
+    _check_reply(reply)
+    items = reply["approvals"]
+    if format is Format.json:
+        _emit_json({"approvals": items})
+    else:
+        for a in items:
+            sys.stdout.write(f"{a['id']}  {a['status']:<8} {a['agent_id']}  {a['tool']}  created {a['created_at']}\n")
+        if not items:
+            sys.stdout.write("no pending approvals\n")
+    raise typer.Exit(EXIT_OK)
+
+
+@approvals_app.command("show")
+def approvals_show(
+    approval_id: str, dir: DirOpt = None, socket: SocketOpt = None, format: FormatOpt = Format.text
+) -> None:
+    """One approval."""
+    reply = _engine_request(_stack_dir(dir), {"type": "approvals_list", "all": True}, socket)
+    _check_reply(reply)
+    found = next((a for a in reply["approvals"] if a["id"] == approval_id), None)
+    if found is None:
+        sys.stderr.write(f"faramesh: no approval {approval_id}\n")
+        raise typer.Exit(EXIT_FAILED)
+    if format is Format.json:
+        _emit_json(found)
+    else:
+        for k, v in found.items():
+            sys.stdout.write(f"{k:<12} {v}\n")
+    raise typer.Exit(EXIT_OK)
+
+
+def _decide(
+    approval_id: str, verb: str, dir: Path | None, socket: Path | None, reason: str | None, format: Format
+) -> None:
+    message: dict[str, Any] = {"type": verb, "approval_id": approval_id}
+    if reason:
+        message["reason"] = reason
+    user = os.environ.get("SUDO_USER") or os.environ.get("USER")
+    if user:
+        message["approver"] = user
+    reply = _engine_request(_stack_dir(dir), message, socket)
+    _check_reply(reply)
+    if format is Format.json:
+        _emit_json(reply)
+    else:
+        a = reply["approval"]
+        sys.stdout.write(f"{a['id']} {a['status'].lower()} by {a['approver']}\n")
+    raise typer.Exit(EXIT_OK)
+
+
+ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Why; the agent sees it on a deny.")]
+
+
+@approvals_app.command("approve")
+def approvals_approve(
+    approval_id: str,
+    dir: DirOpt = None,
+    socket: SocketOpt = None,
+    reason: ReasonOpt = None,
+    format: FormatOpt = Format.text,
+) -> None:
+    """Approve: the next identical call (same agent, tool and args) is permitted once."""
+    _decide(approval_id, "approve", dir, socket, reason, format)
+
+
+@approvals_app.command("deny")
+def approvals_deny(
+    approval_id: str,
+    dir: DirOpt = None,
+    socket: SocketOpt = None,
+    reason: ReasonOpt = None,
+    format: FormatOpt = Format.text,
+) -> None:
+    """Deny: a retry of the call gets POLICY_DENY with this reason."""
+    _decide(approval_id, "deny", dir, socket, reason, format)
+
+
+def _check_reply(reply: dict[str, Any]) -> None:
+    if "error" in reply:
+        sys.stderr.write(f"faramesh: {reply['error'].get('code')}: {reply['error'].get('message')}\n")
+        raise typer.Exit(EXIT_FAILED)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         from faramesh import __version__

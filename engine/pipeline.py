@@ -1,0 +1,443 @@
+"""The decision pipeline around the pure evaluator, and the engine state it owns.
+
+identity → rule match → conditions → rate limit → budget → (approvals for defers) → redaction →
+decision → DPR draft. The result is a `Verdict`: the reply to send, the record to append and the
+approval writes to commit with it. Nothing here does I/O; the server appends the record to the WAL
+and sends the reply only once it has committed. Time, randomness and the engine key are passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from faramesh.engine.policy.evaluate import DEFER, DENY, PERMIT, Decision, evaluate
+from faramesh.engine.policy.limits import (
+    BudgetUsage,
+    RateBucket,
+    StateSnapshot,
+    estimate_cost_cents,
+    period_bounds,
+    spend_rate,
+)
+from faramesh.engine.policy.model import CompiledPolicy
+from faramesh.engine.policy.toolid import glob_to_regex
+from faramesh.engine.wal.dpr import NonCanonicalArgs, args_digest, args_hmac, canonical_bytes, redact
+
+DEFAULT_APPROVAL_TTL = 86400
+RESERVATION_TTL = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end: fixed by the socket reached, never by what the peer says."""
+
+    role: str  # agent | operator | dev
+    agent_id: str | None  # the socket's agent (role agent); None where any agent may be named
+    uid: int | None = None
+    pid: int | None = None
+    socket: str = ""
+
+
+@dataclass
+class Approval:
+    id: str
+    status: str  # PENDING | APPROVED | DENIED | EXPIRED | USED
+    agent_id: str
+    tool: str
+    args_hmac: str
+    created_at: str
+    expires_at: int
+    args_digest: str
+    resolved_at: str | None = None
+    approver: str | None = None
+    reason: str | None = None
+    action_id: str | None = None
+    used_by: str | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def public(self, now: float) -> dict[str, Any]:
+        row = self.to_row()
+        row.pop("args_hmac")
+        row["status"] = self.effective_status(now)
+        return row
+
+    def effective_status(self, now: float) -> str:
+        if self.status in ("PENDING", "APPROVED", "DENIED") and now >= self.expires_at:
+            return "EXPIRED"
+        return self.status
+
+
+@dataclass
+class Verdict:
+    reply: dict[str, Any]
+    record: dict[str, Any]
+    args_bytes: bytes | None
+    approval_writes: list[dict[str, Any]] = field(default_factory=list)
+    decision: Decision | None = None
+
+
+@dataclass
+class Reservation:
+    agent_id: str
+    cents: int
+    budgets: tuple[str, ...]
+    expires_at: float
+
+
+class EngineState:
+    """Mutable engine state: rate buckets, budget usage and reservations, approvals."""
+
+    def __init__(self, policy: CompiledPolicy, *, hmac_key: bytes, dev: bool, mode_override: str | None = None) -> None:
+        self.policy = policy
+        self.hmac_key = hmac_key
+        self.dev = dev
+        self.mode_override = mode_override
+        self.rate: dict[tuple[str, str], RateBucket] = {}
+        self.budgets: dict[tuple[str, str], BudgetUsage] = {}
+        self.reservations: dict[str, Reservation] = {}
+        self.approvals: dict[str, Approval] = {}
+        self._approval_index: dict[tuple[str, str, str], str] = {}
+        self._snapshot = StateSnapshot(MappingProxyType(self.rate), MappingProxyType(self.budgets))
+        self._patterns: dict[str, Any] = {}
+
+    @property
+    def mode(self) -> str:
+        return self.mode_override or str(self.policy.runtime.get("mode", "enforce"))
+
+    # ---- approvals
+    def add_approval(self, approval: Approval) -> None:
+        self.approvals[approval.id] = approval
+        self._approval_index[(approval.agent_id, approval.tool, approval.args_hmac)] = approval.id
+
+    def matching_approval(self, agent_id: str, tool: str, hmac_hex: str) -> Approval | None:
+        aid = self._approval_index.get((agent_id, tool, hmac_hex))
+        return self.approvals.get(aid) if aid else None
+
+    def pending_approvals(self, now: float) -> list[Approval]:
+        return [a for a in self.approvals.values() if a.effective_status(now) == "PENDING"]
+
+    # ---- rate and budget bookkeeping
+    def _matches(self, pattern: str, tool: str) -> bool:
+        if "*" not in pattern:
+            return pattern.lower() == tool
+        regex = self._patterns.get(pattern)
+        if regex is None:
+            regex = self._patterns[pattern] = glob_to_regex(pattern)
+        return regex.fullmatch(tool) is not None
+
+    def spend(self, agent_id: str, tool: str, now: float) -> None:
+        agent = self.policy.agents.get(agent_id)
+        if agent is None:
+            return
+        for limit in agent.rate_limits:
+            if self._matches(limit.pattern, tool):
+                key = (agent_id, limit.pattern)
+                self.rate[key] = spend_rate(limit, self.rate.get(key), now)
+
+    def charge(self, agent_id: str, cents: int, now: float, *, reserved: bool) -> tuple[str, ...]:
+        """Add a call to each budget: reserved (pending settlement) or spent."""
+        agent = self.policy.agents.get(agent_id)
+        names = []
+        if agent is None:
+            return ()
+        for budget in agent.budgets:
+            start, _ = period_bounds(budget.period, now)
+            key = (agent_id, budget.name)
+            usage = self.budgets.get(key)
+            if usage is None or usage.period_start != start:
+                usage = BudgetUsage(start)
+            self.budgets[key] = BudgetUsage(
+                start,
+                usage.spent_cents + (0 if reserved else cents),
+                usage.reserved_cents + (cents if reserved else 0),
+                usage.calls + 1,
+            )
+            names.append(budget.name)
+        return tuple(names)
+
+    def settle(self, action_id: str, actual_cents: int, now: float) -> bool:
+        """Replace a reservation by the actual cost (or by the estimate when it expires)."""
+        res = self.reservations.pop(action_id, None)
+        if res is None:
+            return False
+        agent = self.policy.agents.get(res.agent_id)
+        if agent is None:
+            return True
+        for budget in agent.budgets:
+            if budget.name not in res.budgets:
+                continue
+            key = (res.agent_id, budget.name)
+            usage = self.budgets.get(key)
+            start, _ = period_bounds(budget.period, now)
+            if usage is None or usage.period_start != start:
+                continue  # the period rolled over: the new period owes nothing for it
+            self.budgets[key] = BudgetUsage(
+                usage.period_start,
+                usage.spent_cents + max(0, actual_cents),
+                max(0, usage.reserved_cents - res.cents),
+                usage.calls,
+            )
+        return True
+
+    def expire_reservations(self, now: float) -> None:
+        for action_id, res in list(self.reservations.items()):
+            if now >= res.expires_at:
+                self.settle(action_id, res.cents, now)
+
+    # ---- the pipeline
+    def govern(
+        self,
+        fields: dict[str, Any],
+        peer: Peer,
+        *,
+        now: float,
+        new_id: Callable[[], str],
+        timestamp: str,
+        started_ns: int,
+        clock_ns: Callable[[], int],
+    ) -> Verdict:
+        call_id = fields.get("call_id")
+        claimed = fields.get("agent_id")
+        raw_tool = fields["tool_id"]
+        raw_args = fields.get("args") or {}
+        action_id = new_id()
+        agent_id = peer.agent_id if peer.role == "agent" else claimed
+        base = {
+            "id": action_id,
+            "time": timestamp,
+            "action_type": "tool_call",
+            "agent_id": agent_id if isinstance(agent_id, str) else None,
+            "identity": {
+                "method": "socket",
+                "role": peer.role,
+                "socket": peer.socket,
+                "peer_uid": peer.uid,
+                "peer_pid": peer.pid,
+                "claimed_agent_id": claimed,
+            },
+            "tier": "sdk",
+            "session_id": fields.get("session_id"),
+            "call_id": call_id,
+            "tool": raw_tool,
+            "policy_version": self.policy.version,
+            "mode": self.mode,
+            "credential_ref": None,
+            "cost_cents": 0,
+            "approval_id": None,
+            "approver": None,
+            "dev": self.dev,
+        }
+
+        def finish(
+            decision: Decision, *, digest: str | None, args_bytes: bytes | None, extra: dict[str, Any] | None = None
+        ) -> Verdict:
+            effect, code = decision.effect, decision.code
+            enforced = {"effect": effect, "code": code}
+            if self.mode == "audit" and effect != PERMIT:
+                # audit mode: everything goes ahead; the record says what enforce would have done
+                enforced = {"effect": PERMIT, "code": "AUDIT_MODE_PERMIT"}
+            record = dict(base)
+            record.update(
+                {
+                    "effect": enforced["effect"],
+                    "code": enforced["code"],
+                    "policy_effect": effect,
+                    "policy_code": code,
+                    "rule_ref": decision.rule_ref,
+                    "args_digest": digest,
+                    "latency_us": (clock_ns() - started_ns) // 1000,
+                }
+            )
+            if extra:
+                record.update(extra)
+            reply: dict[str, Any] = {
+                "call_id": call_id,
+                "effect": enforced["effect"],
+                "action_id": action_id,
+                "latency_us": record["latency_us"],
+            }
+            if enforced["effect"] != PERMIT:
+                reply["structured_denial"] = _structured_denial(
+                    decision, record.get("approval_id"), record.get("approval_reason")
+                )
+                if enforced["effect"] == DEFER and record.get("approval_id"):
+                    reply["defer_token"] = record["approval_id"]
+            return Verdict(reply, record, args_bytes, decision=decision)
+
+        if peer.role == "agent" and claimed is not None and claimed != peer.agent_id:
+            return finish(
+                Decision(DENY, "IDENTITY_MISMATCH", None, "agent_id does not match the socket's agent"),
+                digest=None,
+                args_bytes=None,
+            )
+        if not isinstance(agent_id, str):
+            return finish(
+                Decision(DENY, "INVALID_REQUEST", None, "agent_id is required on this socket"),
+                digest=None,
+                args_bytes=None,
+            )
+        try:
+            raw_hmac = args_hmac(self.hmac_key, raw_args)
+        except NonCanonicalArgs:
+            return finish(
+                Decision(DENY, "ARGS_NOT_CANONICAL", None, "args cannot be canonicalised (RFC 8785)"),
+                digest=None,
+                args_bytes=None,
+            )
+        request = {
+            "agent_id": agent_id,
+            "tool_id": raw_tool,
+            "args": raw_args,
+            "principal": fields.get("principal") if isinstance(fields.get("principal"), dict) else {},
+            "time": now,
+        }
+        decision = evaluate(self.policy, request, self._snapshot)
+        tool = decision.tool or raw_tool
+        agent = self.policy.agents.get(agent_id)
+        paths: tuple[str, ...] = ()
+        if agent is not None and decision.tool is not None:
+            paths = tuple(p for r in agent.redactions if self._matches(r.pattern, decision.tool) for p in r.paths)
+        redacted = redact(raw_args, paths) if paths else raw_args
+        redacted_bytes = canonical_bytes(redacted)
+        digest = args_digest(redacted)
+        extra: dict[str, Any] = {"tool": tool}
+        approval_writes: list[dict[str, Any]] = []
+        if decision.effect == DEFER and decision.tool is not None:
+            decision, approval, created = self._resolve_defer(
+                decision, agent_id, decision.tool, raw_hmac, digest, now, timestamp, new_id
+            )
+            if approval is not None:
+                extra["approval_id"] = approval.id
+                if approval.status == "USED":
+                    extra["approver"] = approval.approver
+                    approval.used_by = action_id
+                    approval_writes.append(approval.to_row())
+                if approval.status == "DENIED":
+                    extra["approval_reason"] = approval.reason
+                if created:
+                    approval.action_id = action_id
+                    approval_writes.append(approval.to_row())
+        if decision.effect in (PERMIT, DEFER) and decision.tool is not None:
+            self.spend(agent_id, decision.tool, now)
+        if decision.effect == PERMIT and agent is not None and agent.budgets:
+            cents = estimate_cost_cents(raw_args, int(self.policy.runtime.get("call_cost", 0)))
+            names = self.charge(agent_id, cents, now, reserved=True)
+            self.reservations[action_id] = Reservation(agent_id, cents, names, now + RESERVATION_TTL)
+            extra["cost_cents"] = cents
+        verdict = finish(decision, digest=digest, args_bytes=redacted_bytes, extra=extra)
+        verdict.approval_writes = approval_writes
+        if decision.retry_after_seconds is not None:
+            verdict.reply["structured_denial"]["resolution"]["retry_after_seconds"] = decision.retry_after_seconds
+        return verdict
+
+    def _resolve_defer(
+        self,
+        decision: Decision,
+        agent_id: str,
+        tool: str,
+        raw_hmac: str,
+        digest: str,
+        now: float,
+        timestamp: str,
+        new_id: Callable[[], str],
+    ) -> tuple[Decision, Approval | None, bool]:
+        existing = self.matching_approval(agent_id, tool, raw_hmac)
+        if existing is not None:
+            status = existing.effective_status(now)
+            if status == "APPROVED":
+                existing.status = "USED"
+                return (
+                    Decision(PERMIT, "APPROVED", decision.rule_ref, f"approved by {existing.approver}", tool),
+                    existing,
+                    False,
+                )
+            if status == "DENIED":
+                return (
+                    Decision(DENY, "POLICY_DENY", decision.rule_ref, existing.reason or "denied by an operator", tool),
+                    existing,
+                    False,
+                )
+            if status == "PENDING":
+                return decision, existing, False
+        ttl = int(self.policy.runtime.get("approval_ttl", DEFAULT_APPROVAL_TTL))
+        approval = Approval(
+            id="apr-" + new_id(),
+            status="PENDING",
+            agent_id=agent_id,
+            tool=tool,
+            args_hmac=raw_hmac,
+            created_at=timestamp,
+            expires_at=int(now) + ttl,
+            args_digest=digest,
+        )
+        self.add_approval(approval)
+        return decision, approval, True
+
+    def resolve_approval(
+        self, approval_id: str, approve: bool, approver: str, reason: str | None, now: float, timestamp: str
+    ) -> Approval:
+        approval = self.approvals.get(approval_id)
+        if approval is None:
+            raise KeyError(approval_id)
+        status = approval.effective_status(now)
+        if status != "PENDING":
+            raise ValueError(f"approval {approval_id} is {status}, not PENDING")
+        approval.status = "APPROVED" if approve else "DENIED"
+        approval.approver = approver
+        approval.reason = reason
+        approval.resolved_at = timestamp
+        return approval
+
+    # ---- replay at start-up
+    def replay(self, records: Iterable[dict[str, Any]], approvals: Iterable[dict[str, Any]], now: float) -> None:
+        """Rebuild rate buckets and budget usage from recorded decisions, approvals from their table."""
+        for body in records:
+            if body.get("action_type") != "tool_call":
+                if body.get("action_type") == "settlement":
+                    self._replay_settlement(body)
+                continue
+            agent_id, tool, effect = body.get("agent_id"), body.get("tool"), body.get("effect")
+            when = body.get("epoch_ms")
+            if not isinstance(agent_id, str) or not isinstance(tool, str) or not isinstance(when, int):
+                continue
+            t = when / 1000
+            if effect in (PERMIT, DEFER) and now - t < 86400 * 2:
+                self.spend(agent_id, tool.lower(), t)
+            if effect == PERMIT and isinstance(body.get("cost_cents"), int):
+                self.charge(agent_id, body["cost_cents"], t, reserved=False)
+        for row in approvals:
+            self.add_approval(Approval(**{k: row.get(k) for k in Approval.__dataclass_fields__}))  # type: ignore[arg-type]
+
+    def _replay_settlement(self, body: dict[str, Any]) -> None:
+        agent_id, delta, when = body.get("agent_id"), body.get("cost_delta_cents"), body.get("epoch_ms")
+        if not isinstance(agent_id, str) or not isinstance(delta, int) or not isinstance(when, int):
+            return
+        agent = self.policy.agents.get(agent_id)
+        if agent is None:
+            return
+        for budget in agent.budgets:
+            key = (agent_id, budget.name)
+            usage = self.budgets.get(key)
+            start, _ = period_bounds(budget.period, when / 1000)
+            if usage is not None and usage.period_start == start:
+                self.budgets[key] = BudgetUsage(
+                    start, max(0, usage.spent_cents + delta), usage.reserved_cents, usage.calls
+                )
+
+
+def _structured_denial(decision: Decision, approval_id: str | None, operator_reason: str | None) -> dict[str, Any]:
+    if decision.code == "RATE_EXCEEDED":
+        resolution: dict[str, Any] = {"type": "retry_after"}
+    elif decision.code == "BUDGET_EXCEEDED":
+        resolution = {"type": "budget_reset", "resets_at": decision.resets_at}
+    elif decision.effect == DEFER:
+        resolution = {"type": "pending_approval", "approval_id": approval_id}
+    else:
+        resolution = {"type": "rule_block"}
+    message = operator_reason or decision.reason
+    return {"code": decision.code, "rule_ref": decision.rule_ref, "human_message": message, "resolution": resolution}

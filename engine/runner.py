@@ -1,0 +1,156 @@
+"""Assemble and run an engine for `faramesh dev` and `faramesh serve`.
+
+dev: compile the stack, in-memory WAL, ephemeral signing key, one socket serving agent and operator
+roles, pretty DPRs on stderr. serve: the installed compiled policy (never governance.fms), the SQLite
+WAL, the persisted keys, `operator.sock` plus one socket directory per declared agent; one engine per
+stack, held by flock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import IO
+
+from faramesh.engine.paths import StackPaths, stack_paths
+from faramesh.engine.pipeline import EngineState
+from faramesh.engine.policy.model import CompiledPolicy, policy_from_json
+from faramesh.engine.server import EngineServer, ServerConfig, SocketSpec, ensure_private_dir
+from faramesh.engine.wal.log import Wal
+from faramesh.engine.wal.signer import ephemeral_signer, load_or_create_signer
+from faramesh.engine.wal.store import MemoryStore, SqliteStore
+
+
+class EngineStartError(Exception):
+    code = "ENGINE_START"
+    exit_code = 4
+
+
+def _read_private_key(path: Path, size: int) -> bytes:
+    """The engine HMAC key: created 0600 on first start, never followed through a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        key = os.urandom(size)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return key
+    try:
+        key = os.read(fd, size + 1)
+    finally:
+        os.close(fd)
+    if len(key) != size:
+        raise EngineStartError(f"{path} is corrupt")
+    return key
+
+
+def acquire_engine_lock(paths: StackPaths) -> IO[str]:
+    ensure_private_dir(paths.state_dir, 0o700)
+    handle = open(paths.lock_file, "a+")  # noqa: SIM115 - held for the engine's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise EngineStartError(f"another engine already runs for this stack (lock {paths.lock_file})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def dev_server(policy: CompiledPolicy, stack_dir: Path, paths: StackPaths) -> EngineServer:
+    socket_path = Path(str(policy.runtime.get("socket") or paths.dev_socket))
+    wal = Wal(MemoryStore(), ephemeral_signer(), clock=__import__("time").time)
+    state = EngineState(policy, hmac_key=os.urandom(32), dev=True)
+    config = ServerConfig(
+        sockets=[SocketSpec(socket_path, "dev", None, 0o600)],
+        dev=True,
+        cold_start_deny_window=float(policy.runtime.get("cold_start_deny_window", 30)),
+        pretty_dprs=True,
+        wal_description={"backend": "memory", "path": None, "sync": None},
+        stack_dir=str(stack_dir),
+    )
+    return EngineServer(policy, wal, state, config)
+
+
+def load_installed_policy(path: Path, expected_version: str | None = None) -> CompiledPolicy:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise EngineStartError(f"no installed policy at {path} ({exc.strerror}); run `faramesh apply`") from None
+    if expected_version is not None and hashlib.sha256(raw).hexdigest() != expected_version:
+        raise EngineStartError(f"{path} is not policy version {expected_version}")
+    return policy_from_json(raw)
+
+
+def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = None) -> EngineServer:
+    source = policy_file or paths.policy_copy
+    policy = load_installed_policy(source)
+    runtime = policy.runtime
+    backend = runtime.get("backend", "sqlite")
+    if backend == "postgres":
+        raise EngineStartError('backend = "postgres" is not available in this build yet; use sqlite')
+    import time
+
+    if backend == "memory":
+        store: MemoryStore | SqliteStore = MemoryStore()
+        wal_info = {"backend": "memory", "path": None, "sync": None}
+    else:
+        wal_path = paths.wal_path(runtime.get("wal_dir"))
+        sync = str(runtime.get("wal_sync", "full"))
+        store = SqliteStore(wal_path, sync)
+        wal_info = {"backend": "sqlite", "path": str(wal_path), "sync": sync}
+    ensure_private_dir(paths.state_dir, 0o700)
+    signer = load_or_create_signer(paths.signing_key)
+    wal = Wal(store, signer, clock=time.time, signing_required=bool(runtime.get("signing_required", False)))
+    state = EngineState(policy, hmac_key=_read_private_key(paths.hmac_key, 32), dev=False)
+    sockets = [SocketSpec(Path(str(runtime.get("socket") or paths.operator_socket)), "operator", None, 0o660)]
+    for agent_id in sorted(policy.agents):
+        sockets.append(SocketSpec(paths.agent_socket(agent_id), "agent", agent_id, 0o666))
+    config = ServerConfig(
+        sockets=sockets,
+        dev=False,
+        cold_start_deny_window=float(runtime.get("cold_start_deny_window", 30)),
+        wal_description=wal_info,
+        logs={"engine": str(paths.log_dir / "engine.log")},
+        stack_dir=str(stack_dir),
+    )
+
+    def loader(version: str) -> CompiledPolicy:
+        return load_installed_policy(source, version)
+
+    return EngineServer(policy, wal, state, config, policy_loader=loader)
+
+
+def announce(server: EngineServer, out: IO[str] = sys.stderr) -> None:
+    cfg = server.config
+    lines = [f"faramesh {'dev' if cfg.dev else 'serve'}: policy {server.policy.version[:16]}"]
+    for spec in cfg.sockets:
+        who = {"dev": "agents and operator (dev: one socket serves both roles)", "operator": "operator"}.get(
+            spec.role, f'agent "{spec.agent_id}"'
+        )
+        lines.append(f"  socket   {spec.path}  — {who}")
+    wal = cfg.wal_description
+    lines.append(f"  wal      {wal.get('backend')} {wal.get('path') or '(in memory: lost on exit)'}")
+    if cfg.dev:
+        lines.append("  keys     ephemeral signing key for this session; DPRs are tagged dev and printed here")
+        lines.append(f"  agents   export FARAMESH_SOCKET={cfg.sockets[0].path}")
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+
+
+def run(server: EngineServer) -> int:
+    announce(server)
+    return asyncio.run(server.run())
+
+
+__all__ = ["EngineStartError", "acquire_engine_lock", "dev_server", "run", "serve_server", "stack_paths"]

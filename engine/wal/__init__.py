@@ -1,0 +1,1 @@
+"""The write-ahead log of Decision Provenance Records: records, chain, checkpoints, stores, verification."""
