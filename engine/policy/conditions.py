@@ -81,16 +81,34 @@ def normalize(cond: Cond, pos: SourcePos | None) -> Cond:
         if kind == "cmp":
             if len(node) != 4 or node[1] not in CMP_OPS:
                 raise PolicySchemaError(f"unknown comparison {node[1:2]!r}", pos=pos)
-            return ["cmp", node[1], operand(node[2]), operand(node[3])]
+            left, right = operand(node[2]), operand(node[3])
+            if left == ["path", "tool"]:
+                right = _lower_literals(right)
+            elif right == ["path", "tool"]:
+                left = _lower_literals(left)
+            return ["cmp", node[1], left, right]
         if kind == "re":
             pattern = node[2]
             if not isinstance(pattern, str):
                 raise PolicySchemaError("a regex must be a string", pos=pos)
+            target = operand(node[1])
+            if target == ["path", "tool"] and not pattern.startswith("(?i)"):
+                # Tool ids match case-insensitively everywhere, so `tool =~ "^Shell/"` must too.
+                pattern = "(?i)" + pattern
             regex_problem(pattern, pos)
-            return ["re", operand(node[1]), pattern]
+            return ["re", target, pattern]
         raise PolicySchemaError(f"unknown condition kind {kind!r}", pos=pos)
 
     return walk(cond)
+
+
+def _lower_literals(node: Cond) -> Cond:
+    """`tool` holds the lower-cased canonical id; literals compared with it are lower-cased to match."""
+    if node[0] == "lit" and isinstance(node[1], str):
+        return ["lit", node[1].lower()]
+    if node[0] == "list":
+        return ["list", *(_lower_literals(x) for x in node[1:])]
+    return node
 
 
 def regex_problem(pattern: str, pos: SourcePos | None) -> None:
