@@ -618,11 +618,6 @@ def test_compiled_objects_are_immutable() -> None:
     assert evaluate(policy, {"agent_id": "support-bot", "tool_id": "admin/x", "time": NOW}).effect == "DENY"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG engine/policy/model.py build_agent: Rule.condition keeps the mutable list from the "
-    "compiler, so it can be edited after compile (artifact and predicate then disagree)",
-)
 def test_rule_conditions_are_immutable() -> None:
     policy = compile_src(ARTIFACT_STACK)
     rule = policy.agents["support-bot"].rules[1]

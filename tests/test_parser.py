@@ -17,7 +17,7 @@ from faramesh.engine.policy.ast import BareWord, EnvRef
 from faramesh.engine.policy.compiler import compile_files
 from faramesh.engine.policy.errors import PolicySchemaError, PolicySyntaxError
 from faramesh.engine.policy.evaluate import evaluate
-from faramesh.engine.policy.model import CompiledPolicy
+from faramesh.engine.policy.model import thaw, CompiledPolicy
 from faramesh.engine.policy.parser import parse_condition, parse_fpl
 
 NOW = 1_750_000_000  # a fixed request time (rate limits and budgets need one)
@@ -341,7 +341,7 @@ def test_dotted_paths_and_bare_argument_names() -> None:
         '  permit x if card.brand == "visa" and args.amount < 10 and principal.role == "ops" and time.hour >= 0\n'
         "}\n"
     )
-    cond = policy.agents["a"].rules[0].condition
+    cond = thaw(policy.agents["a"].rules[0].condition)
     # bare names become args.<name>; the known roots stay as written
     paths = [c[2] for c in cond[1:]]
     assert paths == [
@@ -702,7 +702,8 @@ def test_registry_artifact_specific_forms() -> None:
     shell = compile_files(parse_fpl((base / "policies/faramesh/shell/1.0.0/policy.fpl").read_text()), {})
     assert [r.strict for r in shell.agents["ops-agent"].rules] == [True, True, False]
     mcp = compile_files(parse_fpl((base / "policies/faramesh/mcp/1.0.0/policy.fpl").read_text()), {})
-    assert mcp.agents["default"].rules[2].condition == ["re", ["path", "tool"], "write|upload|send"]
+    # `tool` is matched case-insensitively, like tool globs
+    assert thaw(mcp.agents["default"].rules[2].condition) == ["re", ["path", "tool"], "(?i)write|upload|send"]
     langgraph = compile_files(parse_fpl((base / "frameworks/langgraph/1.0.0/profile.fpl").read_text()), {})
     assert langgraph.agents["default"].framework == "langgraph"
     assert langgraph.runtime["mode"] == "enforce"

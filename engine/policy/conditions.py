@@ -124,12 +124,12 @@ def regex_problem(pattern: str, pos: SourcePos | None) -> None:
         raise PolicySchemaError(f"regex {pattern!r} is not supported: {exc}{hint}", pos=pos) from None
 
 
-def uses_time(cond: Cond) -> bool:
-    if not isinstance(cond, list) or not cond:
+def uses_time(cond: Cond | tuple[Any, ...]) -> bool:
+    if not isinstance(cond, list | tuple) or not cond:
         return False
     if cond[0] == "path":
         return len(cond) > 1 and cond[1] == "time"
-    return any(uses_time(x) for x in cond[1:] if isinstance(x, list))
+    return any(uses_time(x) for x in cond[1:] if isinstance(x, list | tuple))
 
 
 # ---- compilation to closures -------------------------------------------------------------------

@@ -21,7 +21,7 @@ class Finding:
 
 def _const_false(cond: object) -> bool:
     """Conditions that compare two literals and can be decided now (e.g. `1 > 2`)."""
-    if not isinstance(cond, list) or not cond:
+    if not isinstance(cond, list | tuple) or not cond:
         return False
     if cond[0] == "and":
         return any(_const_false(c) for c in cond[1:])
@@ -30,7 +30,7 @@ def _const_false(cond: object) -> bool:
     if cond[0] == "cmp" and cond[2][0] == "lit" and cond[3][0] == "lit":
         from faramesh.engine.policy.conditions import compile_predicate
 
-        return not compile_predicate(cond)({})
+        return not compile_predicate(list(cond))({})
     return False
 
 

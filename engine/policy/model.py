@@ -169,7 +169,7 @@ def build_agent(data: Mapping[str, Any]) -> Agent:
                 effect=r["effect"],
                 strict=bool(r.get("strict", False)),
                 pattern=r["tool"],
-                condition=cond,
+                condition=freeze(cond),
                 ref=r["ref"],
                 notify=r.get("notify"),
                 reason=r.get("reason"),
