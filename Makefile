@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 DEB_PACKAGES := python3 python3-venv python3-dev gcc
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint typecheck pytest deps clean
+.PHONY: test demo bench lint typecheck pytest deps clean soak
 
 deps: $(STAMP)
 
@@ -49,6 +49,10 @@ demo: deps
 
 bench: deps
 	$(VPY) bench/run.py
+
+# The crash test at length: 500 SIGKILL rounds under load (25 run in `make test`).
+soak: deps
+	FARAMESH_CRASH_ROUNDS=$${FARAMESH_CRASH_ROUNDS:-500} $(VPY) -m pytest -q -s -p no:cacheprovider tests/test_crash.py
 
 clean:
 	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache

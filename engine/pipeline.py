@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -79,6 +80,9 @@ class Verdict:
     args_bytes: bytes | None
     approval_writes: list[dict[str, Any]] = field(default_factory=list)
     decision: Decision | None = None
+    # State changes to revert, newest last, when the record cannot be committed (WAL-first: a decision
+    # that is not on disk was never made).
+    undo: list[Callable[[], None]] = field(default_factory=list)
 
 
 @dataclass
@@ -117,6 +121,16 @@ class EngineState:
     def matching_approval(self, agent_id: str, tool: str, hmac_hex: str) -> Approval | None:
         aid = self._approval_index.get((agent_id, tool, hmac_hex))
         return self.approvals.get(aid) if aid else None
+
+    def _unuse_approval(self, approval: Approval) -> None:
+        if approval.status == "USED":
+            approval.status, approval.used_by = "APPROVED", None
+
+    def _drop_approval(self, approval: Approval) -> None:
+        self.approvals.pop(approval.id, None)
+        key = (approval.agent_id, approval.tool, approval.args_hmac)
+        if self._approval_index.get(key) == approval.id:
+            del self._approval_index[key]
 
     def pending_approvals(self, now: float) -> list[Approval]:
         return [a for a in self.approvals.values() if a.effective_status(now) == "PENDING"]
@@ -165,9 +179,13 @@ class EngineState:
         res = self.reservations.pop(action_id, None)
         if res is None:
             return False
+        self.settle_reservation(res, actual_cents, now)
+        return True
+
+    def settle_reservation(self, res: Reservation, actual_cents: int, now: float) -> None:
         agent = self.policy.agents.get(res.agent_id)
         if agent is None:
-            return True
+            return
         for budget in agent.budgets:
             if budget.name not in res.budgets:
                 continue
@@ -182,7 +200,32 @@ class EngineState:
                 max(0, usage.reserved_cents - res.cents),
                 usage.calls,
             )
-        return True
+
+    def _unreserve(self, action_id: str) -> None:
+        """Undo a permit's reservation that was never recorded."""
+        res = self.reservations.pop(action_id, None)
+        if res is None:
+            return
+        for name in res.budgets:
+            usage = self.budgets.get((res.agent_id, name))
+            if usage is not None:
+                self.budgets[(res.agent_id, name)] = BudgetUsage(
+                    usage.period_start,
+                    usage.spent_cents,
+                    max(0, usage.reserved_cents - res.cents),
+                    max(0, usage.calls - 1),
+                )
+
+    def _unspend(self, agent_id: str, tool: str) -> None:
+        """Give back the rate tokens a never-recorded decision spent."""
+        agent = self.policy.agents.get(agent_id)
+        if agent is None:
+            return
+        for limit in agent.rate_limits:
+            key = (agent_id, limit.pattern)
+            bucket = self.rate.get(key)
+            if bucket is not None and self._matches(limit.pattern, tool):
+                self.rate[key] = RateBucket(min(float(limit.count), bucket.tokens + 1.0), bucket.updated_at)
 
     def expire_reservations(self, now: float) -> None:
         for action_id, res in list(self.reservations.items()):
@@ -303,10 +346,14 @@ class EngineState:
         if agent is not None and decision.tool is not None:
             paths = tuple(p for r in agent.redactions if self._matches(r.pattern, decision.tool) for p in r.paths)
         redacted = redact(raw_args, paths) if paths else raw_args
-        redacted_bytes = canonical_bytes(redacted)
         digest = args_digest(redacted)
+        # Args are kept for replay only when the policy identified the agent and the tool, so its
+        # redactions applied; a call it could not identify has nothing to replay, and storing it raw
+        # would persist fields a redaction exists to keep off disk.
+        redacted_bytes = canonical_bytes(redacted) if agent is not None and decision.tool is not None else None
         extra: dict[str, Any] = {"tool": tool}
         approval_writes: list[dict[str, Any]] = []
+        undo: list[Callable[[], None]] = []
         if decision.effect == DEFER and decision.tool is not None:
             decision, approval, created = self._resolve_defer(
                 decision, agent_id, decision.tool, raw_hmac, digest, now, timestamp, new_id
@@ -317,20 +364,25 @@ class EngineState:
                     extra["approver"] = approval.approver
                     approval.used_by = action_id
                     approval_writes.append(approval.to_row())
+                    undo.append(partial(self._unuse_approval, approval))
                 if approval.status == "DENIED":
                     extra["approval_reason"] = approval.reason
                 if created:
                     approval.action_id = action_id
                     approval_writes.append(approval.to_row())
+                    undo.append(partial(self._drop_approval, approval))
         if decision.effect in (PERMIT, DEFER) and decision.tool is not None:
             self.spend(agent_id, decision.tool, now)
+            undo.append(partial(self._unspend, agent_id, decision.tool))
         if decision.effect == PERMIT and agent is not None and agent.budgets:
             cents = estimate_cost_cents(raw_args, int(self.policy.runtime.get("call_cost", 0)))
             names = self.charge(agent_id, cents, now, reserved=True)
             self.reservations[action_id] = Reservation(agent_id, cents, names, now + RESERVATION_TTL)
+            undo.append(partial(self._unreserve, action_id))
             extra["cost_cents"] = cents
         verdict = finish(decision, digest=digest, args_bytes=redacted_bytes, extra=extra)
         verdict.approval_writes = approval_writes
+        verdict.undo = undo
         if decision.retry_after_seconds is not None:
             verdict.reply["structured_denial"]["resolution"]["retry_after_seconds"] = decision.retry_after_seconds
         return verdict
@@ -406,11 +458,14 @@ class EngineState:
             if not isinstance(agent_id, str) or not isinstance(tool, str) or not isinstance(when, int):
                 continue
             t = when / 1000
-            if effect in (PERMIT, DEFER) and now - t < 86400 * 2:
+            # What the policy decided spends tokens (audit mode records an enforced PERMIT for a policy deny).
+            decided = body.get("policy_effect", effect)
+            if decided in (PERMIT, DEFER) and now - t < 86400 * 2:
                 self.spend(agent_id, tool.lower(), t)
             if effect == PERMIT and isinstance(body.get("cost_cents"), int):
                 self.charge(agent_id, body["cost_cents"], t, reserved=False)
-        for row in approvals:
+        # Oldest first, so the index keeps the newest approval for each (agent, tool, args).
+        for row in sorted(approvals, key=lambda r: str(r.get("created_at") or "")):
             self.add_approval(Approval(**{k: row.get(k) for k in Approval.__dataclass_fields__}))  # type: ignore[arg-type]
 
     def _replay_settlement(self, body: dict[str, Any]) -> None:

@@ -59,12 +59,14 @@ def decode(line: bytes) -> Message:
     rpc = "jsonrpc" in data
     rpc_id = data.get("id") if rpc else None
     if rpc:
+        # Check the id first: only a valid id is ever echoed back in an error.
+        bad_id = type(rpc_id) not in (int, str) or (type(rpc_id) is str and len(rpc_id) > MAX_ID_LEN)
+        if rpc_id is not None and bad_id:
+            raise ProtocolError("INVALID_REQUEST", "JSON-RPC id must be a number or a string", None, rpc)
         if data.get("jsonrpc") != "2.0" or type(data.get("method")) is not str:
             raise ProtocolError(
                 "INVALID_REQUEST", 'JSON-RPC requests need "jsonrpc": "2.0" and a "method"', rpc_id, rpc
             )
-        if rpc_id is not None and type(rpc_id) not in (int, str):
-            raise ProtocolError("INVALID_REQUEST", "JSON-RPC id must be a number or a string", None, rpc)
         verb = data["method"]
         params = data.get("params", {})
         if type(params) is not dict:

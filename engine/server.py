@@ -13,8 +13,10 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import struct
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,12 +36,17 @@ from faramesh.engine.protocol import (
     encode_result,
 )
 from faramesh.engine.wal.log import Wal, decode_body, new_ulid, rfc3339
-from faramesh.engine.wal.store import StoreError
+from faramesh.engine.wal.signer import checkpoint_message, verify_signature
+from faramesh.engine.wal.store import Checkpoint, StoreError
 from faramesh.engine.wal.verify import verify_chain
 
 IDLE_PARTIAL_LINE_S = 10.0
+MAX_CENTS = 2**53  # DPR integers stay within JSON's exact range (RFC 8785)
 MAX_TOTAL_BUFFERED = 64 * 1024 * 1024
 READ_CHUNK = 65536
+MAX_SOCKET_BUFFERED = MAX_TOTAL_BUFFERED // 4  # per socket, i.e. per agent: one agent cannot fill it all
+YIELD_EVERY = 32  # lines served from one read before other connections get a turn
+LISTEN_BACKLOG = 4096  # asyncio's default (100) makes connects fail with EAGAIN under 1,000 concurrent clients
 STARTING, INITIALIZING, READY, DRAINING, HALT = "STARTING", "INITIALIZING", "READY", "DRAINING", "HALT"
 
 
@@ -61,6 +68,7 @@ class ServerConfig:
     wal_description: dict[str, Any] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
     stack_dir: str | None = None
+    idle_partial_line_s: float = IDLE_PARTIAL_LINE_S  # tests shorten it
 
 
 class ChainBroken(Exception):
@@ -92,6 +100,7 @@ class EngineServer:
         self.started_at = clock()
         self.applied_at = rfc3339(self.started_at)
         self.buffered = 0
+        self._buffered_by: dict[Path, int] = {}
         self.connections: set[asyncio.StreamWriter] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
@@ -106,35 +115,75 @@ class EngineServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stop.set)
-        await self._bind()
+        try:
+            await self._bind()
+        except OSError as exc:  # a runtime failure (exit 4), reported without a traceback
+            self._log(f"cannot bind the engine sockets: {exc}; HALT")
+            self.lifecycle = HALT
+            await self._close_sockets()
+            return 4
         self.lifecycle = INITIALIZING
         try:
-            await asyncio.wait_for(loop.run_in_executor(None, self._initialise), self.config.cold_start_deny_window)
+            await asyncio.wait_for(self._initialise_in_thread(), self.config.cold_start_deny_window)
         except TimeoutError:
             self._log(f"engine not READY within cold_start_deny_window ({self.config.cold_start_deny_window}s): HALT")
             self.lifecycle = HALT
             await self._close_sockets()
             return 4
-        except (ChainBroken, StoreError) as exc:
+        except (ChainBroken, StoreError, sqlite3.Error, ValueError) as exc:
             self._log(f"refusing to start: {exc}")
             self.lifecycle = HALT
             await self._close_sockets()
             return 1
         self.wal.start()
+        try:
+            activated = await self._record_policy_activation(
+                "start", self.policy.version, self.wal.meta.get("policy_version")
+            )
+            if activated is not None:
+                self.applied_at = activated
+        except StoreError as exc:  # status shows the WAL degraded; every decision is denied until it heals
+            self._log(f"could not record the policy activation: {exc}")
         self.lifecycle = READY
         self._log(f"READY: policy {self.policy.version[:16]}, WAL {self.wal.store.description}")
         await self._stop.wait()
         await self.drain()
         return self.exit_code
 
+    async def _initialise_in_thread(self) -> None:
+        """Run `_initialise` on a daemon thread: when it hangs past cold_start_deny_window the engine
+        still halts and exits (a pool thread would hold the interpreter's exit until it returned)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+        def target() -> None:
+            outcome: BaseException | None = None
+            try:
+                self._initialise()
+            except BaseException as exc:
+                outcome = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the engine already halted
+                loop.call_soon_threadsafe(settle, outcome)
+
+        threading.Thread(target=target, name="engine-init", daemon=True).start()
+        await done
+
     def _initialise(self) -> None:
-        """Open the WAL, verify from the last checkpoint, replay state, sign any unsigned tail."""
+        """Open the WAL, verify from the last verified checkpoint, replay state, sign any unsigned tail."""
         self.wal.open()
-        checkpoints = self.wal.store.checkpoints()
+        head_seq = self.wal.seq
         start_seq, prev = 1, None
-        if checkpoints:
-            last = checkpoints[-1]
-            start_seq, prev = last.seq + 1, last.head_hash
+        anchor = self._last_verified_checkpoint(head_seq)
+        if anchor is not None:
+            start_seq, prev = anchor.seq + 1, anchor.head_hash
         report = verify_chain(
             self.wal.chain_id, self.wal.store.records(start_seq), [], start_seq=start_seq, start_prev_hash=prev
         )
@@ -142,11 +191,57 @@ class EngineServer:
             raise ChainBroken(
                 f"WAL chain broken at seq {report.offender_seq} (record {report.offender_id}): {report.problem}"
             )
+        if (report.last_seq or start_seq - 1) != head_seq:
+            raise ChainBroken(f"WAL head moved during verification (expected seq {head_seq})")
         now = self.clock()
         recent = (decode_body(r.body) for r in self.wal.store.records(max(1, self.wal.seq - 200_000)))
         self.state.replay(recent, self.wal.store.approvals(), now)
+        applied = self.wal.meta.get("policy_version")
+        if applied == self.policy.version and self.wal.meta.get("policy_applied_at"):
+            self.applied_at = self.wal.meta["policy_applied_at"]
         if self.wal.recovery_checkpoint_needed():
             self.wal.write_checkpoint_sync("recovery")
+
+    def _last_verified_checkpoint(self, head_seq: int) -> Checkpoint | None:
+        """The newest checkpoint this engine's key signed over the head hash stored at its seq; start-up
+        verification starts after it. A checkpoint beyond the head means records were removed."""
+        key = self.wal.signer
+        for cp in reversed(self.wal.store.checkpoints()):
+            if cp.key_fingerprint != key.fingerprint or cp.public_key != key.public_b64:
+                continue
+            message = checkpoint_message(self.wal.chain_id, cp.seq, cp.head_hash)
+            if not verify_signature(cp.public_key, message, cp.signature):
+                continue
+            if cp.seq > head_seq:
+                raise ChainBroken(
+                    f"WAL chain broken: a signed checkpoint covers seq {cp.seq} but the last record is seq {head_seq}"
+                )
+            at = next(iter(self.wal.store.records(cp.seq, cp.seq)), None)
+            if at is None or at.record_hash != cp.head_hash:
+                continue
+            return cp
+        return None
+
+    async def _record_policy_activation(self, reason: str, version: str, previous: str | None) -> str | None:
+        """Record which policy version is in force, once per change (at start or reload): replayed at
+        start-up, so `applied_at` survives restarts. Returns the activation time (None: unchanged)."""
+        if previous == version:
+            return None
+        now, record_id, timestamp = self._ids()
+        record = {
+            "id": record_id,
+            "time": timestamp,
+            "epoch_ms": int(now * 1000),
+            "action_type": "policy_activated",
+            "policy_version": version,
+            "previous_policy_version": previous,
+            "reason": reason,
+            "dev": self.state.dev,
+        }
+        meta = {"policy_version": version, "policy_applied_at": timestamp}
+        await self.wal.append(record, meta=meta)
+        self.wal.meta.update(meta)
+        return timestamp
 
     async def drain(self) -> None:
         if self.lifecycle in (DRAINING, HALT):
@@ -172,12 +267,14 @@ class EngineServer:
 
     async def _bind(self) -> None:
         for spec in self.config.sockets:
-            ensure_private_dir(spec.path.parent, 0o755 if spec.role == "agent" else 0o700)
+            socket_dir(spec.path.parent, 0o755 if spec.role == "agent" else 0o700)
             with contextlib.suppress(FileNotFoundError):
                 spec.path.unlink()
             old_umask = os.umask(0o177)
             try:
-                server = await asyncio.start_unix_server(self._handler_for(spec), path=str(spec.path), limit=MAX_FRAME)
+                server = await asyncio.start_unix_server(
+                    self._handler_for(spec), path=str(spec.path), limit=READ_CHUNK, backlog=LISTEN_BACKLOG
+                )
             finally:
                 os.umask(old_umask)
             os.chmod(spec.path, spec.mode)
@@ -196,6 +293,19 @@ class EngineServer:
         sys.stderr.flush()
 
     # ---- connections
+    def _admit(self, spec: SocketSpec, incoming: int) -> bool:
+        """May a connection on `spec` buffer `incoming` more bytes of partial line? Input buffering stays
+        within MAX_TOTAL_BUFFERED in total and within MAX_SOCKET_BUFFERED per socket: each agent has a
+        socket of its own, so one agent holding many partial lines cannot crowd the others out."""
+        return (
+            self.buffered + incoming <= MAX_TOTAL_BUFFERED
+            and self._buffered_by.get(spec.path, 0) + incoming <= MAX_SOCKET_BUFFERED
+        )
+
+    def _account(self, spec: SocketSpec, delta: int) -> None:
+        self.buffered += delta
+        self._buffered_by[spec.path] = self._buffered_by.get(spec.path, 0) + delta
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, spec: SocketSpec) -> None:
         uid, pid = _peer_credentials(writer)
         peer = Peer(spec.role, spec.agent_id, uid, pid, str(spec.path))
@@ -204,26 +314,32 @@ class EngineServer:
         try:
             while True:
                 try:
-                    chunk = await asyncio.wait_for(reader.read(READ_CHUNK), IDLE_PARTIAL_LINE_S if buf else None)
+                    chunk = await asyncio.wait_for(
+                        reader.read(READ_CHUNK), self.config.idle_partial_line_s if buf else None
+                    )
                 except TimeoutError:
                     break  # a stalled half line: close rather than hold its memory
                 if not chunk:
                     break
-                if self.buffered + len(chunk) > MAX_TOTAL_BUFFERED:
+                if not self._admit(spec, len(chunk)):
                     writer.write(encode_error("FRAME_TOO_LARGE", "engine input buffers are full; reconnect later"))
                     break
                 buf += chunk
-                self.buffered += len(chunk)
+                self._account(spec, len(chunk))
+                served = 0
                 while True:
                     newline = buf.find(b"\n")
                     if newline < 0:
                         break
                     line = bytes(buf[:newline])
                     del buf[: newline + 1]
-                    self.buffered -= newline + 1
+                    self._account(spec, -(newline + 1))
                     if line.strip():
                         writer.write(await self._dispatch(line, peer))
                         await writer.drain()
+                        served += 1
+                        if served % YIELD_EVERY == 0:
+                            await asyncio.sleep(0)  # a client pipelining cheap lines must not hog the loop
                 if len(buf) >= MAX_FRAME:
                     writer.write(
                         encode_error("FRAME_TOO_LARGE", f"a request line reached {MAX_FRAME} bytes without a newline")
@@ -232,7 +348,7 @@ class EngineServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            self.buffered -= len(buf)
+            self._account(spec, -len(buf))
             self.connections.discard(writer)
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await writer.drain()
@@ -260,6 +376,11 @@ class EngineServer:
             return encode_result(message, result)
         except _VerbError as exc:
             return encode_error(exc.code, exc.message, rpc=message.rpc, rpc_id=message.rpc_id)
+        except Exception as exc:  # a defect: fail closed for this request, keep serving the connection
+            self._log(f"internal error in `{message.verb}`: {type(exc).__name__}")
+            return encode_error(
+                "INTERNAL_ERROR", "the engine failed to handle this request", rpc=message.rpc, rpc_id=message.rpc_id
+            )
         finally:
             self._inflight -= 1
             if self._inflight == 0:
@@ -287,7 +408,9 @@ class EngineServer:
         try:
             await self.wal.append(verdict.record, verdict.args_bytes, verdict.approval_writes)
         except StoreError:
-            # WAL-first: a decision that is not on disk was never made.
+            # WAL-first: a decision that is not on disk was never made, so neither are its state changes.
+            for undo in reversed(verdict.undo):
+                undo()
             return {
                 "call_id": message.fields.get("call_id"),
                 "effect": "DENY",
@@ -328,16 +451,15 @@ class EngineServer:
             raise _VerbError("INVALID_REQUEST", "unknown or already settled action_id")
         usage = message.fields.get("usage") or {}
         actual = usage.get("cost_cents")
-        if type(actual) is not int or actual < 0:
+        if type(actual) is not int or not 0 <= actual < MAX_CENTS:
             model_args = {
                 "model": usage.get("model"),
                 "input_tokens": usage.get("input_tokens"),
                 "max_tokens": usage.get("output_tokens"),
             }
-            actual = estimate_cost_cents(model_args, reservation.cents)
+            actual = min(estimate_cost_cents(model_args, reservation.cents), MAX_CENTS - 1)
+        del self.state.reservations[action_id]  # claimed: a concurrent `complete` finds nothing to settle
         now, record_id, timestamp = self._ids()
-        delta = actual
-        self.state.settle(action_id, actual, now)
         record = {
             "id": record_id,
             "time": timestamp,
@@ -345,13 +467,17 @@ class EngineServer:
             "action_type": "settlement",
             "agent_id": reservation.agent_id,
             "settles": action_id,
-            "cost_delta_cents": delta,
+            "reserved_cents": reservation.cents,
+            # replay charged the reservation as spent at the estimate: the delta corrects it to the actual
+            "cost_delta_cents": actual - reservation.cents,
             "dev": self.state.dev,
         }
         try:
             await self.wal.append(record)
         except StoreError as exc:
+            self.state.reservations[action_id] = reservation  # not recorded, not settled
             raise _VerbError("WAL_WRITE_FAILURE", "the settlement could not be recorded") from exc
+        self.state.settle_reservation(reservation, actual, now)
         return {"action_id": action_id, "settled_cents": actual}
 
     async def _verb_status(self, message: Message, peer: Peer) -> dict[str, Any]:
@@ -401,7 +527,8 @@ class EngineServer:
         try:
             await self.wal.append(record, None, [approval.to_row()])
         except StoreError as exc:
-            approval.status = "PENDING"  # not recorded, not resolved
+            # not recorded, not resolved
+            approval.status, approval.approver, approval.reason, approval.resolved_at = "PENDING", None, None, None
             raise _VerbError("WAL_WRITE_FAILURE", "the resolution could not be recorded") from exc
         return {"approval": approval.public(now)}
 
@@ -413,9 +540,16 @@ class EngineServer:
             policy = self.policy_loader(version)
         except Exception as exc:
             raise _VerbError("RELOAD_REFUSED", f"the running policy stays: {exc}") from None
+        try:  # WAL-first: the change is on record before any call is decided under it
+            activated = await self._record_policy_activation("reload", policy.version, self.policy.version)
+        except StoreError as exc:
+            raise _VerbError(
+                "WAL_WRITE_FAILURE", "the policy change could not be recorded; the running policy stays"
+            ) from exc
         self.policy = policy
         self.state.policy = policy
-        self.applied_at = rfc3339(self.clock())
+        if activated is not None:
+            self.applied_at = activated
         return {"policy_version": policy.version}
 
     async def _verb_shutdown(self, message: Message, peer: Peer) -> dict[str, Any]:
@@ -495,6 +629,25 @@ def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int | None, int | N
         return None, None
     pid, uid, _gid = struct.unpack("3i", raw)
     return uid, pid
+
+
+def socket_dir(path: Path, mode: int) -> None:
+    """The directory a socket is bound in. A missing one is created private (`mode`); an existing one is
+    used as it is — never chmod-ed, since `runtime { socket }` may name a shared directory such as /tmp
+    or a home — but only when nobody else can replace our socket in it: a real directory that we own
+    and others cannot write, or a sticky one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        ensure_private_dir(path, mode)
+        return
+    import stat as _stat
+
+    if not _stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{path} is not a directory; refusing to bind a socket in it")
+    sticky = bool(st.st_mode & _stat.S_ISVTX) and st.st_uid in (0, os.geteuid())
+    if not sticky and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
+        raise PermissionError(f"others can replace a socket in {path}; refusing to bind there")
 
 
 def ensure_private_dir(path: Path, mode: int) -> None:

@@ -43,6 +43,7 @@ class _Pending:
     args: bytes | None
     approvals: list[dict[str, Any]]
     future: asyncio.Future[StoredRecord]
+    meta: dict[str, str] | None = None
 
 
 class Wal:
@@ -74,11 +75,13 @@ class Wal:
         self._closing = False
         self.failures = 0
         self.last_error: str | None = None
+        self.meta: dict[str, str] = {}  # the store's meta table as of open() plus what this engine committed
 
     # ---- start-up
     def open(self) -> None:
         """Open the store, adopt (or create) the chain and load the head. Verification is the caller's."""
         meta = self.store.open()
+        self.meta = dict(meta)
         self.chain_id = meta.get("chain_id") or new_ulid(self.clock())
         head = self.store.head()
         self.seq = head.seq if head else 0
@@ -87,6 +90,7 @@ class Wal:
         self.signed_seq = checkpoints[-1].seq if checkpoints else 0
         if "chain_id" not in meta:
             self.store.commit(Batch(meta={"chain_id": self.chain_id}))
+            self.meta["chain_id"] = self.chain_id
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._committer(), name="wal-committer")
@@ -118,14 +122,20 @@ class Wal:
 
     # ---- appends
     def append(
-        self, record: dict[str, Any], args: bytes | None = None, approvals: list[dict[str, Any]] | None = None
+        self,
+        record: dict[str, Any],
+        args: bytes | None = None,
+        approvals: list[dict[str, Any]] | None = None,
+        *,
+        meta: dict[str, str] | None = None,
     ) -> asyncio.Future[StoredRecord]:
-        """Queue a record (without chain fields). The future resolves once it is committed."""
+        """Queue a record (without chain fields), with the approval rows and meta entries to commit in the
+        same transaction. The future resolves once it is committed."""
         future: asyncio.Future[StoredRecord] = asyncio.get_running_loop().create_future()
         if self._closing:
             future.set_exception(StoreError("the WAL is closing"))
             return future
-        self._pending.append(_Pending(record, args, approvals or [], future))
+        self._pending.append(_Pending(record, args, approvals or [], future, meta))
         self._wake.set()
         return future
 
@@ -139,6 +149,8 @@ class Wal:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.checkpoint_interval)
                 if not self._pending:
+                    if self._closing:
+                        return  # close() writes the shutdown checkpoint
                     if self.seq > self.signed_seq:
                         await self._commit_checkpoint_only(loop)
                     continue
@@ -209,6 +221,8 @@ class Wal:
             if p.args is not None:
                 batch.request_args.append((self.seq, p.args))
             batch.approvals.extend(p.approvals)
+            if p.meta:
+                batch.meta.update(p.meta)
         taken[:] = kept
         now = self.clock()
         if (
