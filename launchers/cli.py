@@ -212,6 +212,13 @@ def test_cmd(
 def plan(
     dir: DirOpt = None,
     registry: RegistryOpt = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Also re-evaluate the requests the WAL recorded in this window (e.g. 24h)."),
+    ] = None,
+    strict_replay: Annotated[
+        bool, typer.Option("--strict-replay", help="Exit 2 when the replay changes any decision (default --since 24h).")
+    ] = False,
     format: FormatOpt = Format.text,
 ) -> None:
     """Compile and show what would change against the running or last applied policy."""
@@ -232,6 +239,12 @@ def plan(
         from faramesh.engine.policy.model import canonical_json
 
         base_version = hashlib.sha256(canonical_json(base)).hexdigest()
+    replay = None
+    if since is not None or strict_replay:
+        from faramesh.launchers.audit import plan_replay
+
+        replay = plan_replay(stack, compiled.policy, base, since or "24h")
+    replay_code = EXIT_IMPORT if strict_replay and replay is not None and replay.get("changed") else EXIT_OK
     if format is Format.json:
         _emit_json(
             {
@@ -239,9 +252,10 @@ def plan(
                 "base_version": base_version,
                 "new_version": compiled.policy.version,
                 "changes": [c.to_dict() for c in changes],
+                **({"replay": replay} if replay is not None else {}),
             }
         )
-        raise typer.Exit(EXIT_OK)
+        raise typer.Exit(replay_code)
     labels = {
         "applied": f"the last applied policy (.faramesh/policy.json, version {str(base_version)[:16]})",
         "none": "nothing: no engine is running and this stack has never been applied",
@@ -254,7 +268,13 @@ def plan(
     else:
         counts = {op: sum(1 for c in changes if c.op == op) for op in "+-~"}
         sys.stdout.write(f"{counts['+']} added, {counts['-']} removed, {counts['~']} changed\n")
-    raise typer.Exit(EXIT_OK)
+    if replay is not None:
+        from faramesh.launchers.audit import plan_replay_text
+
+        sys.stdout.write(plan_replay_text(replay))
+        if replay_code:
+            sys.stderr.write(f"--strict-replay: {replay['changed']} recorded decision(s) would change: exit 2\n")
+    raise typer.Exit(replay_code)
 
 
 def _plan_base(stack: Path) -> tuple[dict[str, Any] | None, str]:
@@ -445,7 +465,8 @@ def status(dir: DirOpt = None, socket: SocketOpt = None, format: FormatOpt = For
             f"engine    {daemon['state']}{' (degraded: ' + str(daemon['last_error']) + ')' if daemon['degraded'] else ''}"
             f"  pid {daemon['pid']}  up {daemon['uptime_seconds']}s  mode {daemon['mode']}{'  dev' if daemon['dev'] else ''}\n"
             f"policy    {daemon['policy_version'][:16]}  applied {daemon['applied_at']}\n"
-            f"wal       {wal['backend']} {wal.get('path') or ''} seq {wal['seq']} signed through {wal['signed_through']}\n"
+            f"wal       {wal.get('backend', '?')} {wal.get('path') or ''} seq {wal.get('seq')} "
+            f"signed through {wal.get('signed_through')}\n"
             f"approvals {reply['approvals']['pending']} pending\n"
         )
         for b in reply["budgets"]:
@@ -461,6 +482,12 @@ approvals_app = typer.Typer(
     help="List, show, approve and deny deferred calls.", no_args_is_help=True, rich_markup_mode=None
 )
 app.add_typer(approvals_app, name="approvals")
+
+# `audit …` and `explain` read the WAL directly (launchers/audit.py); they never talk to the engine.
+from faramesh.launchers.audit import audit_app, explain  # noqa: E402
+
+app.add_typer(audit_app, name="audit")
+app.command("explain")(explain)
 
 
 @approvals_app.command("list")

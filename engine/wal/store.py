@@ -287,3 +287,230 @@ class SqliteStore:
             if conn is not None:
                 conn.close()
         self._ro = self._conn = None
+
+
+# ---- read-only access for the audit commands (`faramesh audit …`, `explain`, `plan --since`)
+
+_RECORD_COLS = "seq, id, time, agent_id, tool, effect, code, approval_id, action_type, body, record_hash"
+_CHECKPOINT_COLS = "seq, head_hash, time, kind, key_fingerprint, public_key, signature"
+
+
+class NotAWal(StoreError):
+    code = "WAL_UNREADABLE"
+
+
+def _blob(value: Any) -> bytes:
+    """A body column as bytes, whatever storage class it was written with."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    if isinstance(value, memoryview | bytearray):
+        return bytes(value)
+    return str(value).encode()
+
+
+def _text(value: Any) -> Any:
+    """A text column as str (or None), whatever storage class a damaged file gives it."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _stored(row: tuple[Any, ...]) -> StoredRecord:
+    seq, rid, time, agent_id, tool, effect, code, approval_id, action_type, body, record_hash = row[:11]
+    t = _text
+    return StoredRecord(
+        int(seq), t(rid), t(time), t(agent_id), t(tool), t(effect), t(code), t(approval_id), t(action_type),
+        _blob(body), str(t(record_hash)),
+    )  # fmt: skip
+
+
+def _lenient(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def _checkpoint(row: tuple[Any, ...]) -> Checkpoint:
+    seq, head_hash, time, kind, key_fingerprint, public_key, signature = (_text(v) for v in row[:7])
+    return Checkpoint(int(seq), str(head_hash), str(time), str(kind), str(key_fingerprint), str(public_key),
+                      str(signature))  # fmt: skip
+
+
+class SqliteReader:
+    """A read-only view of a SQLite WAL: it never writes, never takes a write lock, and reads one
+    snapshot (a single read transaction held from open to close), so records and checkpoints are
+    consistent with each other even while the engine appends.
+
+    A WAL whose `-wal` file is absent belongs to a stopped engine (a running one always has it open):
+    it is opened `immutable`, so reading creates no `-wal`/`-shm` file beside it (which, made by
+    another user such as root, could later stop the engine from opening its own WAL). Otherwise it is
+    opened `mode=ro` and takes part in SQLite's WAL locking like any reader."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.is_file():
+            raise NotAWal(f"no WAL at {path}")
+        wal_file = path.with_name(path.name + "-wal")
+        uri = path.resolve().as_uri() + ("?mode=ro" if wal_file.exists() else "?mode=ro&immutable=1")
+        try:
+            self._conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            self._conn.execute("BEGIN")
+            rows = self._conn.execute("SELECT key, value FROM meta").fetchall()
+            self._conn.execute("SELECT 1 FROM records LIMIT 1").fetchall()
+            self._conn.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            self.close()
+            raise NotAWal(f"{path} is not a readable Faramesh WAL ({exc})") from None
+        self.meta: dict[str, str] = {str(k): str(v) for k, v in rows}
+        version = self.meta.get("schema_version", "0")
+        if not version.isdigit() or int(version) > SCHEMA_VERSION:
+            self.close()
+            raise SchemaTooNew(f"{path} has WAL schema {version}, newer than this faramesh's {SCHEMA_VERSION}")
+        self.chain_id = self.meta.get("chain_id", "")
+
+    def __enter__(self) -> SqliteReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.close()
+            self._conn = None  # type: ignore[assignment]
+
+    def _all(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "decode" not in str(exc) or self._conn.text_factory is _lenient:
+                raise
+            self._conn.text_factory = _lenient
+            return self._conn.execute(sql, params).fetchall()
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        rows = self._all(sql, params)
+        return rows[0] if rows else None
+
+    # records
+    def bounds(self) -> tuple[int, int, int]:
+        """(count, first seq, last seq); zeros for an empty chain."""
+        row = self._one("SELECT count(*), coalesce(min(seq), 0), coalesce(max(seq), 0) FROM records")
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def records(self, from_seq: int = 1, to_seq: int | None = None) -> Iterator[StoredRecord]:
+        """Records in seq order. Text that is not UTF-8 (a damaged file) is read with replacement
+        characters rather than stopping the walk, so the check that follows names the record."""
+        last = from_seq - 1
+        while True:
+            try:
+                cur = self._conn.execute(
+                    f"SELECT {_RECORD_COLS} FROM records WHERE seq > ? AND seq <= ? ORDER BY seq",
+                    (last, to_seq if to_seq is not None else 2**62),
+                )
+                while rows := cur.fetchmany(4096):
+                    for row in rows:
+                        rec = _stored(row)
+                        last = rec.seq
+                        yield rec
+                return
+            except sqlite3.OperationalError as exc:
+                if "decode" not in str(exc) or self._conn.text_factory is _lenient:
+                    raise
+                self._conn.text_factory = _lenient  # for the rest of this reader's life: rare, and slower
+
+    def record_at(self, seq: int) -> StoredRecord | None:
+        row = self._one(f"SELECT {_RECORD_COLS} FROM records WHERE seq = ?", (seq,))
+        return _stored(row) if row else None
+
+    def record_by_id(self, record_id: str) -> StoredRecord | None:
+        row = self._one(f"SELECT {_RECORD_COLS} FROM records WHERE id = ?", (record_id,))
+        return _stored(row) if row else None
+
+    def tail(
+        self,
+        n: int,
+        *,
+        agent_id: str | None = None,
+        effect: str | None = None,
+        tool_glob: str | None = None,
+        action_type: str | None = None,
+    ) -> list[StoredRecord]:
+        """The last `n` records matching every filter given, oldest first. `tool_glob`: `*` wildcards,
+        case-insensitive (tool ids are canonical and contain no other glob characters)."""
+        where: list[str] = []
+        params: list[Any] = []
+        if agent_id is not None:
+            where.append("agent_id = ?")
+            params.append(agent_id)
+        if effect is not None:
+            where.append("effect = ?")
+            params.append(effect.upper())
+        if tool_glob is not None:
+            where.append("lower(tool) GLOB ?")
+            params.append(tool_glob.lower().replace("[", "[[]").replace("?", "[?]"))
+        if action_type is not None:
+            where.append("action_type = ?")
+            params.append(action_type)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._all(f"SELECT {_RECORD_COLS} FROM records {clause} ORDER BY seq DESC LIMIT ?", (*params, max(0, n)))
+        return [_stored(r) for r in reversed(rows)]
+
+    def records_since(
+        self,
+        since_time: str,
+        *,
+        agent_id: str | None = None,
+        before_seq: int | None = None,
+        action_type: str | None = None,
+    ) -> Iterator[StoredRecord]:
+        """Records whose `time` (RFC 3339, fixed width, so text order is time order) is ≥ since_time."""
+        where: list[str] = ["time >= ?"]
+        params: list[Any] = [since_time]
+        if agent_id is not None:
+            where.append("agent_id = ?")
+            params.append(agent_id)
+        if before_seq is not None:
+            where.append("seq < ?")
+            params.append(before_seq)
+        if action_type is not None:
+            where.append("action_type = ?")
+            params.append(action_type)
+        cur = self._conn.execute(f"SELECT {_RECORD_COLS} FROM records WHERE {' AND '.join(where)} ORDER BY seq", params)
+        while rows := cur.fetchmany(4096):
+            for row in rows:
+                yield _stored(row)
+
+    def tool_calls_since(self, since_time: str) -> Iterator[tuple[StoredRecord, bytes | None]]:
+        """`tool_call` records with `time` ≥ since_time and their stored (redacted) args, in seq order."""
+        cols = ", ".join(f"r.{c.strip()}" for c in _RECORD_COLS.split(","))
+        cur = self._conn.execute(
+            f"SELECT {cols}, q.args FROM records r LEFT JOIN requests q ON q.seq = r.seq "
+            "WHERE r.time >= ? AND r.action_type = 'tool_call' ORDER BY r.seq",
+            (since_time,),
+        )
+        while rows := cur.fetchmany(4096):
+            for row in rows:
+                yield _stored(row[:11]), (_blob(row[11]) if row[11] is not None else None)
+
+    def request_args(self, seq: int) -> bytes | None:
+        row = self._one("SELECT args FROM requests WHERE seq = ?", (seq,))
+        return _blob(row[0]) if row else None
+
+    # checkpoints
+    def checkpoints(self) -> list[Checkpoint]:
+        rows = self._all(f"SELECT {_CHECKPOINT_COLS} FROM checkpoints ORDER BY seq")
+        return [_checkpoint(r) for r in rows]
+
+    def checkpoint_covering(self, seq: int) -> Checkpoint | None:
+        """The first checkpoint at or after `seq`: the one whose signature covers that record."""
+        row = self._one(f"SELECT {_CHECKPOINT_COLS} FROM checkpoints WHERE seq >= ? ORDER BY seq LIMIT 1", (seq,))
+        return _checkpoint(row) if row else None
+
+    def backup_to(self, target: sqlite3.Connection) -> None:
+        """SQLite's online backup of this snapshot into `target` (one step: a consistent copy)."""
+        self._conn.backup(target)
