@@ -461,18 +461,20 @@ def status(dir: DirOpt = None, socket: SocketOpt = None, format: FormatOpt = For
         _emit_json(reply)
     else:
         wal = daemon["wal"]
+        degraded = f" (degraded: {daemon['last_error']})" if daemon["degraded"] else ""
+        dev_tag = "  dev" if daemon["dev"] else ""
         sys.stdout.write(
-            f"engine    {daemon['state']}{' (degraded: ' + str(daemon['last_error']) + ')' if daemon['degraded'] else ''}"
-            f"  pid {daemon['pid']}  up {daemon['uptime_seconds']}s  mode {daemon['mode']}{'  dev' if daemon['dev'] else ''}\n"
+            f"engine    {daemon['state']}{degraded}  pid {daemon['pid']}  up {daemon['uptime_seconds']}s"
+            f"  mode {daemon['mode']}{dev_tag}\n"
             f"policy    {daemon['policy_version'][:16]}  applied {daemon['applied_at']}\n"
             f"wal       {wal.get('backend', '?')} {wal.get('path') or ''} seq {wal.get('seq')} "
             f"signed through {wal.get('signed_through')}\n"
             f"approvals {reply['approvals']['pending']} pending\n"
         )
         for b in reply["budgets"]:
-            sys.stdout.write(
-                f"budget    {b['agent_id']}/{b['name']}: {b['spent_cents'] + b['reserved_cents']}c of {b['max_cents']}c, {b['calls']} calls\n"
-            )
+            used = b["spent_cents"] + b["reserved_cents"]
+            name = f"{b['agent_id']}/{b['name']}"
+            sys.stdout.write(f"budget    {name}: {used}c of {b['max_cents']}c, {b['calls']} calls\n")
     if daemon["state"] != "READY":
         raise typer.Exit(EXIT_IMPORT)
     raise typer.Exit(EXIT_WARN if daemon["degraded"] else EXIT_OK)

@@ -168,10 +168,10 @@ CASES: list[tuple[str, dict[str, Any], bool]] = [
     ('s not in "abc"', {"s": 1}, False),  # number vs string haystack: incompatible
     ("n not in [1, 2]", {"n": 3}, True),
     ("n not in [1, 2]", {"n": NAN}, False),
-    ('s in l', {"s": "a", "l": ["a"]}, True),  # path on both sides
-    ('s in l', {"s": "a", "l": 5}, False),
-    ('s not in l', {"s": "a", "l": 5}, False),
-    ('s not in l', {"s": "a"}, False),
+    ("s in l", {"s": "a", "l": ["a"]}, True),  # path on both sides
+    ("s in l", {"s": "a", "l": 5}, False),
+    ("s not in l", {"s": "a", "l": 5}, False),
+    ("s not in l", {"s": "a"}, False),
     # contains
     ("l contains 1", {"l": [1, 2]}, True),
     ("l contains 1", {"l": [1.0]}, True),
@@ -210,7 +210,7 @@ CASES: list[tuple[str, dict[str, Any], bool]] = [
     ("d.x > 1", {}, False),
     ("d.x.y.z == 1", {"d": {"x": {"y": {"z": 1}}}}, True),
     ("d.x.y.z == 1", {"d": {"x": {"y": 1}}}, False),
-    ("card.number == \"4111\"", {"card": {"number": "4111"}}, True),
+    ('card.number == "4111"', {"card": {"number": "4111"}}, True),
     ("args == 1", {}, False),  # a whole object compares with nothing
     ("a == b", {"a": 1, "b": 1}, True),
     ("a == b", {"a": 1, "b": "1"}, False),
@@ -231,10 +231,10 @@ CASES: list[tuple[str, dict[str, Any], bool]] = [
     ("not n > 1", {"n": 2}, False),
     ("not n > 1", {}, True),  # not over a missing field: the comparison is false, `not` negates it
     ("not n > 1", {"n": "9"}, True),
-    ("not (n > 1 or s == \"a\")", {}, True),
-    ("not (n > 1 or s == \"a\")", {"s": "a"}, False),
+    ('not (n > 1 or s == "a")', {}, True),
+    ('not (n > 1 or s == "a")', {"s": "a"}, False),
     ("not not n > 1", {}, False),
-    ("not s =~ \"x\"", {}, True),
+    ('not s =~ "x"', {}, True),
     ('not s in ["a"]', {}, True),
     ('n > 1 and s == "a" or b == true', {"b": True}, True),  # and binds tighter than or
     ('n > 1 and (s == "a" or b == true)', {"b": True}, False),
@@ -269,8 +269,8 @@ PRINCIPAL_CASES: list[tuple[str, Any, bool]] = [
     ('principal.role == "admin"', {"role": "admin"}, True),
     ('principal.role == "admin"', {"role": "Admin"}, False),
     ('principal.role != "admin"', {}, False),
-    ('principal.org.tier >= 2', {"org": {"tier": 3}}, True),
-    ('principal.org.tier >= 2', {"org": {"tier": "3"}}, False),
+    ("principal.org.tier >= 2", {"org": {"tier": 3}}, True),
+    ("principal.org.tier >= 2", {"org": {"tier": "3"}}, False),
     ("not principal.verified", {}, True),
     ("principal.verified", {"verified": True}, True),
 ]
@@ -575,7 +575,6 @@ def test_regex_over_huge_input_is_fast() -> None:
     d = decide(policy, "t", {"s": "a" * 50_000 + "!"})
     assert d.effect == DENY
     assert time.perf_counter() - start < 1.0
-
 
 
 @pytest.mark.parametrize("tool_id", ["shell/exec", "SHELL/EXEC", "Shell/Exec"])

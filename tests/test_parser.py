@@ -17,7 +17,7 @@ from faramesh.engine.policy.ast import BareWord, EnvRef
 from faramesh.engine.policy.compiler import compile_files
 from faramesh.engine.policy.errors import PolicySchemaError, PolicySyntaxError
 from faramesh.engine.policy.evaluate import evaluate
-from faramesh.engine.policy.model import thaw, CompiledPolicy
+from faramesh.engine.policy.model import CompiledPolicy, thaw
 from faramesh.engine.policy.parser import parse_condition, parse_fpl
 
 NOW = 1_750_000_000  # a fixed request time (rate limits and budgets need one)

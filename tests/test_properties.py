@@ -96,9 +96,12 @@ time_cond = st.one_of(
         st.sampled_from(["time.hour", "time.weekday", "time.minute"]).map(lambda p: ("path", p)),
         st.integers(0, 23).map(lambda v: ("lit", v)),
     ),
-    st.tuples(st.just("cmp"), st.just("=="), st.just(("path", "time.day")), st.sampled_from(["wed", "thu", "fri"]).map(
-        lambda v: ("lit", v)
-    )),
+    st.tuples(
+        st.just("cmp"),
+        st.just("=="),
+        st.just(("path", "time.day")),
+        st.sampled_from(["wed", "thu", "fri"]).map(lambda v: ("lit", v)),
+    ),
 )
 group_cond = st.tuples(
     st.just("cmp"),
@@ -454,6 +457,7 @@ time_st = st.one_of(
 @st.composite
 def requests_for(draw: st.DrawFn, p: RPolicy) -> dict[str, Any]:
     ids = [a.agent_id for a in p.agents] + (["default"] if p.flat else [])
+
     # Mostly well-formed (so rules and conditions are reached), sometimes not.
     def mostly(good: st.SearchStrategy[Any], other: st.SearchStrategy[Any], one_in: int) -> Any:
         return draw(other) if draw(st.integers(0, one_in - 1)) == one_in - 1 else draw(good)
@@ -902,12 +906,78 @@ def test_random_text_after_a_stray_brace_fails_with_exit_1(capsys: pytest.Captur
 
 
 FRAGMENTS = [
-    "{", "}", "(", ")", "[", "]", '"', "=", "==", "=~", "!", "$", "$1.234", "$-1", "if", "when", "deny!", "permit",
-    "agent", "default", "rules", "rate_limit", "budget", "redact", "egress", "alert", "runtime", "provider",
-    "identity", "trust", "env(\"FARAMESH_SURELY_UNSET_VAR\")", "env(\"HOME\")", "\x00", "\n", "#", "*", "..", "//",
-    ":", ";", ",", "-", "0", "-1", "99999999999999999999999", "1e5", "\u0455", "\u200b", "\ufeff", "é", "\t",
-    "not", "in", "and", "or", "matches", "contains", '"(?=x)"', '"\\\\1"', '"["', "per", "day", "fortnight",
-    "on_exceed", "warn_at", "max_calls", "max", "timezone", '"Mars/Olympus"', "ed25519:AAAA", "key", "import",
+    "{",
+    "}",
+    "(",
+    ")",
+    "[",
+    "]",
+    '"',
+    "=",
+    "==",
+    "=~",
+    "!",
+    "$",
+    "$1.234",
+    "$-1",
+    "if",
+    "when",
+    "deny!",
+    "permit",
+    "agent",
+    "default",
+    "rules",
+    "rate_limit",
+    "budget",
+    "redact",
+    "egress",
+    "alert",
+    "runtime",
+    "provider",
+    "identity",
+    "trust",
+    'env("FARAMESH_SURELY_UNSET_VAR")',
+    'env("HOME")',
+    "\x00",
+    "\n",
+    "#",
+    "*",
+    "..",
+    "//",
+    ":",
+    ";",
+    ",",
+    "-",
+    "0",
+    "-1",
+    "99999999999999999999999",
+    "1e5",
+    "\u0455",
+    "\u200b",
+    "\ufeff",
+    "é",
+    "\t",
+    "not",
+    "in",
+    "and",
+    "or",
+    "matches",
+    "contains",
+    '"(?=x)"',
+    '"\\\\1"',
+    '"["',
+    "per",
+    "day",
+    "fortnight",
+    "on_exceed",
+    "warn_at",
+    "max_calls",
+    "max",
+    "timezone",
+    '"Mars/Olympus"',
+    "ed25519:AAAA",
+    "key",
+    "import",
 ]
 
 
@@ -955,4 +1025,3 @@ def test_files_truncated_inside_an_agent_block_fail_with_exit_1(
     end = text.index("\n}\n", start) + 1  # the agent's closing brace: the cut always leaves it out
     cut = data.draw(st.integers(start + 1, end - 1))
     assert_cli_outcome(text[:cut].encode(), capsys, must_fail=True)
-

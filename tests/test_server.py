@@ -196,8 +196,9 @@ def test_a_flooding_client_does_not_starve_the_others(engine: InProcessEngine) -
         floods.append(c)
 
         def reader() -> None:
-            while not stop.is_set() and c.recv_line() is not None:
-                flooded[0] += 1
+            with contextlib.suppress(OSError):  # the test closes the socket under this thread at the end
+                while not stop.is_set() and c.recv_line() is not None:
+                    flooded[0] += 1
 
         threading.Thread(target=reader, daemon=True).start()
         blob = b"{nope\n" * 8000

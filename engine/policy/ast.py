@@ -27,7 +27,7 @@ class BareWord:
     word: str
 
 
-Value = Union[str, int, float, bool, EnvRef, BareWord, tuple["Value", ...]]
+Value = Union[str, int, float, bool, EnvRef, BareWord, tuple["Value", ...]]  # noqa: UP007 - recursive alias
 
 # Condition expression, JSON-shaped:
 #   ["and", c, c, ...] | ["or", c, c, ...] | ["not", c]

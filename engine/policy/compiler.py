@@ -86,9 +86,7 @@ class _Compiler:
         if isinstance(value, EnvRef):
             resolved = self.env.get(value.name)
             if resolved is None:
-                raise PolicyEnvError(
-                    f"environment variable {value.name} is not set (needed by {what})", pos=value.pos
-                )
+                raise PolicyEnvError(f"environment variable {value.name} is not set (needed by {what})", pos=value.pos)
             return resolved
         if isinstance(value, BareWord):
             return value.word
@@ -106,7 +104,7 @@ class _Compiler:
                     return a.value
                 if not self.options.allow_literal_secrets:
                     raise PolicySecretError(
-                        f"`{name}` holds a secret written literally; use env(\"…\") so it never enters "
+                        f'`{name}` holds a secret written literally; use env("…") so it never enters '
                         "the compiled policy (or pass --allow-literal-secrets)",
                         pos=a.pos,
                     )
@@ -118,7 +116,7 @@ class _Compiler:
                     self._literal_owner[var] = name
                 self.literal_secrets[var] = a.value
                 return {"$env": var}
-            raise PolicySchemaError(f"`{name}` must be env(\"…\") or a string", pos=a.pos)
+            raise PolicySchemaError(f'`{name}` must be env("…") or a string', pos=a.pos)
         value = self.plain(a.value, a.pos, f"`{name}`")
         if spec.kind in ("str", "url"):
             if not isinstance(value, str):
@@ -253,7 +251,9 @@ class _Compiler:
                 pos=a.pos,
             )
         if a.default is not None and a.default not in ("permit", "defer", "deny"):
-            raise PolicySchemaError(f"`default {a.default}` is not allowed; use permit, defer or deny", pos=a.default_pos)
+            raise PolicySchemaError(
+                f"`default {a.default}` is not allowed; use permit, defer or deny", pos=a.default_pos
+            )
         rates = []
         for rl in a.rate_limits:
             unit = rl.unit[:-1] if rl.unit.endswith("s") and rl.unit[:-1] in schema.RATE_UNITS else rl.unit
@@ -314,8 +314,8 @@ class _Compiler:
             specs = schema.AGENT_BLOCKS.get(block.kind)
             if specs is None:
                 raise PolicySchemaError(
-                    f"unknown block `{block.kind}` in agent \"{a.agent_id}\""
-                    + schema.did_you_mean(block.kind, list(schema.AGENT_BLOCKS) + ["rules", "budget", "redact"]),
+                    f'unknown block `{block.kind}` in agent "{a.agent_id}"'
+                    + schema.did_you_mean(block.kind, [*schema.AGENT_BLOCKS, "rules", "budget", "redact"]),
                     pos=block.pos,
                 )
             values = self.fields(block.fields, specs, block.kind)
@@ -379,7 +379,9 @@ def validate_trust(keys: tuple[TrustKeyDecl, ...]) -> list[dict[str, str]]:
         except (binascii.Error, ValueError):
             raw = b""
         if algo != "ed25519" or len(raw) != 32:
-            raise PolicySchemaError(f'trust key for "{key.publisher}" must be ed25519:<base64 of 32 bytes>', pos=key.pos)
+            raise PolicySchemaError(
+                f'trust key for "{key.publisher}" must be ed25519:<base64 of 32 bytes>', pos=key.pos
+            )
         if key.publisher in seen:
             raise PolicySchemaError(f'trust key for "{key.publisher}" is given twice', pos=key.pos)
         seen.add(key.publisher)
@@ -488,7 +490,7 @@ def compile_files(
     if runtime.get("supervised_command") and len(agents) > 1:
         raise PolicySchemaError(
             "`runtime.supervised_command` belongs to a stack with a single agent; this stack has "
-            f"{len(agents)} ({', '.join(sorted(agents))}): give each agent its own `command = \"…\"`",
+            f'{len(agents)} ({", ".join(sorted(agents))}): give each agent its own `command = "…"`',
             pos=next((b.pos for b in main.blocks if b.kind == "runtime"), None),
         )
     data = {

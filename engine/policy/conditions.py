@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import re2
-
 from faramesh.engine.policy.ast import Cond
 from faramesh.engine.policy.errors import PolicySchemaError, SourcePos
 
@@ -52,8 +51,7 @@ def normalize(cond: Cond, pos: SourcePos | None) -> Cond:
                 raise PolicySchemaError(f"`{segs[0]}` is a string and has no fields", pos=pos)
             if segs[0] == "time" and (len(segs) != 2 or segs[1] not in TIME_FIELDS):
                 raise PolicySchemaError(
-                    f"unknown time field `{'.'.join(segs)}`; use one of "
-                    + ", ".join(f"time.{f}" for f in TIME_FIELDS),
+                    f"unknown time field `{'.'.join(segs)}`; use one of " + ", ".join(f"time.{f}" for f in TIME_FIELDS),
                     pos=pos,
                 )
             return ["path", *segs]

@@ -82,7 +82,9 @@ def _decide_rules(agent: Agent, rules: tuple[Rule, ...], ctx: Mapping[str, Any],
     for rule in rules:
         if rule.predicate is None or rule.predicate(ctx):
             if rule.strict:
-                return Decision(DENY, "POLICY_DENY", rule.ref, rule.reason or f"strict deny {rule.pattern}", tool, rule.notify)
+                return Decision(
+                    DENY, "POLICY_DENY", rule.ref, rule.reason or f"strict deny {rule.pattern}", tool, rule.notify
+                )
             if first is None:
                 first = rule
                 if not agent.has_strict:
@@ -125,9 +127,13 @@ def _apply_limits(
             if not b.allowed:
                 reason = f"budget {budget.name} would be exceeded"
                 if budget.on_exceed == "deny":
-                    return Decision(DENY, "BUDGET_EXCEEDED", budget.ref, reason, tool, resets_at=b.resets_at, budget=budget.name)
+                    return Decision(
+                        DENY, "BUDGET_EXCEEDED", budget.ref, reason, tool, resets_at=b.resets_at, budget=budget.name
+                    )
                 if budget.on_exceed == "defer":
-                    return Decision(DEFER, "BUDGET_EXCEEDED", budget.ref, reason, tool, resets_at=b.resets_at, budget=budget.name)
+                    return Decision(
+                        DEFER, "BUDGET_EXCEEDED", budget.ref, reason, tool, resets_at=b.resets_at, budget=budget.name
+                    )
                 warn_budget = budget.name  # audit: allowed through, flagged
             elif b.warn and warn_budget is None:
                 warn_budget = budget.name
@@ -161,7 +167,7 @@ def evaluate(policy: CompiledPolicy, request: Mapping[str, Any], state: StateSna
     """Decide one request. Never raises; whatever cannot be decided is denied."""
     try:
         return _evaluate(policy, request, state or EMPTY_STATE)
-    except Exception as exc:  # noqa: BLE001 - fail closed on any defect, with the type for the DPR
+    except Exception as exc:
         return _deny("EVALUATION_ERROR", f"the policy could not be evaluated ({type(exc).__name__})")
 
 

@@ -58,9 +58,7 @@ def parse_import_path(decl: ImportDecl) -> tuple[str, str]:
     """Split `<path>@<version>`; only exact semantic versions are accepted."""
     path, sep, version = decl.path.rpartition("@")
     if not sep or not path:
-        raise ImportVersionInvalid(
-            f'import "{decl.path}" has no version; pin one exactly, e.g. @1.0.0', pos=decl.pos
-        )
+        raise ImportVersionInvalid(f'import "{decl.path}" has no version; pin one exactly, e.g. @1.0.0', pos=decl.pos)
     if version == "latest" or not _SEMVER.match(version):
         raise ImportVersionInvalid(
             f'import "{decl.path}": `@{version}` is not an exact version; pin one such as @1.0.0 '
@@ -141,11 +139,15 @@ def resolve_import(decl: ImportDecl, roots: list[Path], trust: tuple[TrustKeyDec
     )
 
 
-def _verified(decl: ImportDecl, path: str, version: str, artifact: Path, trust: tuple[TrustKeyDecl, ...]) -> ResolvedImport:
+def _verified(
+    decl: ImportDecl, path: str, version: str, artifact: Path, trust: tuple[TrustKeyDecl, ...]
+) -> ResolvedImport:
     try:
         body = artifact.read_bytes()
     except OSError as exc:
-        raise ImportUnresolved(f'import "{decl.path}": artifact {artifact} is missing ({exc.strerror})', pos=decl.pos) from None
+        raise ImportUnresolved(
+            f'import "{decl.path}": artifact {artifact} is missing ({exc.strerror})', pos=decl.pos
+        ) from None
     key = _trust_key_for(path, trust)
     if key is None:
         raise TrustKeyMissing(

@@ -39,18 +39,30 @@ def lint(policy: CompiledPolicy) -> list[Finding]:
     for agent_id, agent in sorted(policy.agents.items()):
         if agent.default is None:
             findings.append(
-                Finding("MISSING_DEFAULT", agent.ref, f'agent "{agent_id}" has no `default`; unmatched calls are denied')
+                Finding(
+                    "MISSING_DEFAULT", agent.ref, f'agent "{agent_id}" has no `default`; unmatched calls are denied'
+                )
             )
         earlier: list[Rule] = []
         for rule in agent.rules:
             problem = glob_problem(rule.pattern)
             if problem:
-                findings.append(Finding("NEVER_MATCHES", rule.ref, f"`{rule.effect} {rule.pattern}` can never match: {problem}"))
+                findings.append(
+                    Finding("NEVER_MATCHES", rule.ref, f"`{rule.effect} {rule.pattern}` can never match: {problem}")
+                )
             elif rule.condition is not None and _const_false(rule.condition):
-                findings.append(Finding("NEVER_MATCHES", rule.ref, f"the condition of `{rule.effect} {rule.pattern}` is always false"))
+                findings.append(
+                    Finding(
+                        "NEVER_MATCHES", rule.ref, f"the condition of `{rule.effect} {rule.pattern}` is always false"
+                    )
+                )
             elif not rule.strict:
                 blocker = next(
-                    (e for e in earlier if e.condition is None and not e.strict and glob_covers(e.pattern, rule.pattern)),
+                    (
+                        e
+                        for e in earlier
+                        if e.condition is None and not e.strict and glob_covers(e.pattern, rule.pattern)
+                    ),
                     None,
                 )
                 if blocker is not None:
@@ -67,7 +79,9 @@ def lint(policy: CompiledPolicy) -> list[Finding]:
                         (
                             e
                             for e in earlier
-                            if e.condition is not None and e.condition == rule.condition and glob_covers(e.pattern, rule.pattern)
+                            if e.condition is not None
+                            and e.condition == rule.condition
+                            and glob_covers(e.pattern, rule.pattern)
                         ),
                         None,
                     )

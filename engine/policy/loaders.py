@@ -32,7 +32,6 @@ import re
 from typing import Any
 
 import yaml
-
 from faramesh.engine.policy.ast import (
     AgentDecl,
     Assignment,
@@ -111,7 +110,9 @@ def _load_yaml(text: str, lines: _Lines) -> Any:
         for key_node, _ in node.value:
             key = loader.construct_object(key_node)
             if key in seen:
-                raise PolicySyntaxError(f"key {key!r} appears twice", pos=SourcePos(lines.file, key_node.start_mark.line + 1))
+                raise PolicySyntaxError(
+                    f"key {key!r} appears twice", pos=SourcePos(lines.file, key_node.start_mark.line + 1)
+                )
             seen.add(key)
         mapping = loader.construct_mapping(node, deep=True)
         lines.by_id[id(mapping)] = node.start_mark.line + 1
@@ -125,7 +126,7 @@ def _load_yaml(text: str, lines: _Lines) -> Any:
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, construct_sequence)
     try:
-        return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         pos = SourcePos(lines.file, mark.line + 1, mark.column + 1) if mark else None
@@ -218,7 +219,10 @@ class _Builder:
         unknown = set(r) - {"effect", "tool", "condition", "notify", "reason"}
         if unknown:
             bad = sorted(unknown)[0]
-            raise PolicySchemaError(f"unknown rule field `{bad}`" + did_you_mean(bad, ["effect", "tool", "condition", "notify", "reason"]), pos=pos)
+            raise PolicySchemaError(
+                f"unknown rule field `{bad}`" + did_you_mean(bad, ["effect", "tool", "condition", "notify", "reason"]),
+                pos=pos,
+            )
         effect = r.get("effect")
         if effect not in ("permit", "defer", "deny", "deny!"):
             raise PolicySchemaError(f"rule effect must be permit, defer, deny or deny! (got {effect!r})", pos=pos)
@@ -235,7 +239,13 @@ class _Builder:
             if key in r and not isinstance(r[key], str):
                 raise PolicySchemaError(f"rule `{key}` must be a string", pos=pos)
         return RuleDecl(
-            "deny" if effect == "deny!" else effect, effect == "deny!", tool, parsed, r.get("notify"), r.get("reason"), pos
+            "deny" if effect == "deny!" else effect,
+            effect == "deny!",
+            tool,
+            parsed,
+            r.get("notify"),
+            r.get("reason"),
+            pos,
         )
 
     def agent(self, agent_id: str, node: Any, parent: SourcePos) -> AgentDecl:
@@ -243,14 +253,24 @@ class _Builder:
         a = self.mapping(node, f'agent "{agent_id}"', pos)
         for key in a:
             if key not in _AGENT_KEYS:
-                raise PolicySchemaError(f'unknown field `{key}` in agent "{agent_id}"' + did_you_mean(key, _AGENT_KEYS), pos=pos)
-        rules = tuple(self.rule(r, f"{agent_id}/rules/{i}", pos) for i, r in enumerate(self.seq(a.get("rules", []), "rules", pos)))
+                raise PolicySchemaError(
+                    f'unknown field `{key}` in agent "{agent_id}"' + did_you_mean(key, _AGENT_KEYS), pos=pos
+                )
+        rules = tuple(
+            self.rule(r, f"{agent_id}/rules/{i}", pos) for i, r in enumerate(self.seq(a.get("rules", []), "rules", pos))
+        )
         rates = []
         for rl in self.seq(a.get("rate_limits", []), "rate_limits", pos):
             rpos = self.lines.pos(rl, pos)
             rl = self.mapping(rl, "rate limit", rpos)
-            if not isinstance(rl.get("tool"), str) or type(rl.get("limit")) not in (int, float) or not isinstance(rl.get("per"), str):
-                raise PolicySchemaError("a rate limit is {tool: <glob>, limit: <number>, per: second|minute|hour|day}", pos=rpos)
+            if (
+                not isinstance(rl.get("tool"), str)
+                or type(rl.get("limit")) not in (int, float)
+                or not isinstance(rl.get("per"), str)
+            ):
+                raise PolicySchemaError(
+                    "a rate limit is {tool: <glob>, limit: <number>, per: second|minute|hour|day}", pos=rpos
+                )
             rates.append(RateLimitDecl(rl["tool"], rl["limit"], rl["per"], rpos))
         budgets = []
         for name, b in self.mapping(a.get("budgets", {}), "budgets", pos).items():
@@ -297,7 +317,9 @@ class _Builder:
         d = self.mapping(doc, "the document", top)
         for key in d:
             if key not in _TOP_KEYS:
-                raise PolicySchemaError(f"unknown top-level key `{key}`" + did_you_mean(str(key), _TOP_KEYS), pos=self.lines.pos(d, top))
+                raise PolicySchemaError(
+                    f"unknown top-level key `{key}`" + did_you_mean(str(key), _TOP_KEYS), pos=self.lines.pos(d, top)
+                )
         imports = []
         for imp in self.seq(d.get("imports", []), "imports", top):
             ipos = self.lines.pos(imp, top)
@@ -311,12 +333,16 @@ class _Builder:
         blocks = []
         if "runtime" in d:
             rpos = self.lines.pos(d["runtime"], top)
-            blocks.append(Block("runtime", None, self.assignments(self.mapping(d["runtime"], "runtime", rpos), rpos), rpos))
+            blocks.append(
+                Block("runtime", None, self.assignments(self.mapping(d["runtime"], "runtime", rpos), rpos), rpos)
+            )
         for key, kind in (("providers", "provider"), ("identities", "identity")):
             section = self.mapping(d.get(key, {}), key, top)
             for label, body in section.items():
                 bpos = self.lines.pos(body, top)
-                blocks.append(Block(kind, str(label), self.assignments(self.mapping(body, f"{kind} {label}", bpos), bpos), bpos))
+                blocks.append(
+                    Block(kind, str(label), self.assignments(self.mapping(body, f"{kind} {label}", bpos), bpos), bpos)
+                )
         trust = []
         for t in self.seq(d.get("trust", []), "trust", top):
             tpos = self.lines.pos(t, top)

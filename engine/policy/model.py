@@ -194,9 +194,7 @@ def build_agent(data: Mapping[str, Any]) -> Agent:
             RateLimit(r["tool"], r["count"], r["unit"], r["per_seconds"], r["ref"]) for r in data.get("rate_limits", [])
         ),
         budgets=tuple(
-            Budget(
-                b["name"], b["period"], b["max_cents"], b["max_calls"], b["warn_at"], b["on_exceed"], b["ref"]
-            )
+            Budget(b["name"], b["period"], b["max_cents"], b["max_calls"], b["warn_at"], b["on_exceed"], b["ref"])
             for b in data.get("budgets", [])
         ),
         redactions=tuple(Redaction(r["tool"], tuple(r["args"]), r["ref"]) for r in data.get("redactions", [])),

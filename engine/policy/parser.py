@@ -11,8 +11,6 @@ from importlib import resources
 from typing import Any
 
 import lark
-from lark import Token, Transformer, v_args
-
 from faramesh.engine.policy.ast import (
     AgentDecl,
     Assignment,
@@ -30,6 +28,7 @@ from faramesh.engine.policy.ast import (
     Value,
 )
 from faramesh.engine.policy.errors import PolicySyntaxError, SourcePos
+from lark import Token, Transformer, v_args
 
 # What a user should read instead of lark's terminal names.
 _TOKEN_NAMES = {
@@ -398,7 +397,9 @@ def parse_fpl(text: str, file: str = "governance.fms") -> PolicyFile:
     except lark.exceptions.VisitError as exc:
         inner = exc.orig_exc
         if isinstance(inner, PolicySyntaxError):
-            raise PolicySyntaxError(inner.message, pos=inner.pos or _pos(file, getattr(exc.obj, "meta", None))) from None
+            raise PolicySyntaxError(
+                inner.message, pos=inner.pos or _pos(file, getattr(exc.obj, "meta", None))
+            ) from None
         if isinstance(inner, RecursionError):
             raise _too_deep(file) from None
         raise

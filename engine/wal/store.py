@@ -184,7 +184,7 @@ class SqliteStore:
                 )
             # Forward-only migrations from older schema versions go here, in order.
             conn.execute("COMMIT")
-            self._ro = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            self._ro = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open WAL {self.path}: {exc}") from None
         return dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -250,7 +250,7 @@ class SqliteStore:
 
     def records(self, from_seq: int = 1, to_seq: int | None = None) -> Iterator[StoredRecord]:
         """Stream records in seq order with a connection of its own (safe beside the writer)."""
-        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True)
         try:
             cur = conn.execute(
                 "SELECT * FROM records WHERE seq >= ? AND seq <= ? ORDER BY seq",
