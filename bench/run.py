@@ -1,8 +1,12 @@
-"""Decision-latency benchmark: Faramesh's `evaluate` beside Cedar (cedarpy), measured in one run.
+"""Decision-latency benchmark: Faramesh's `evaluate` beside Cedar (cedarpy), measured in one run,
+then the engine end to end (bench/engine_bench.py: fdatasync, echo floor, `faramesh serve` with the
+SQLite WAL at both sync levels, `audit verify` speed).
 
-    .venv/bin/python bench/run.py            # full run (`make bench`), well under a minute
-    .venv/bin/python bench/run.py --quick    # a few seconds: a smoke run for tests
-    .venv/bin/python bench/run.py --profile  # also cProfile Faramesh (seed, 1,000 rules)
+    .venv/bin/python bench/run.py              # full run (`make bench`), about two minutes
+    .venv/bin/python bench/run.py --quick      # a smoke run: short windows, 100k-record verify
+    .venv/bin/python bench/run.py --profile    # also cProfile Faramesh (seed, 1,000 rules)
+    .venv/bin/python bench/run.py --no-engine  # the decision-latency table only
+    .venv/bin/python bench/run.py --engine-only
 
 What is timed, per call, with time.perf_counter_ns:
 - Faramesh: `evaluate(policy, request)` from the request dict as the wire decoder yields it to a
@@ -367,7 +371,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--profile", action="store_true", help="also cProfile faramesh on the seed and 1,000-rule workloads"
     )
+    ap.add_argument("--no-engine", action="store_true", help="skip the end-to-end engine section")
+    ap.add_argument("--engine-only", action="store_true", help="only the end-to-end engine section")
     opts = ap.parse_args(argv)
+    engine_ok = True
+    if opts.engine_only:
+        return engine_section(opts.quick)
+    rc = decision_section(opts)
+    if not opts.no_engine:
+        print()
+        engine_ok = engine_section(opts.quick) == 0
+    return rc or (0 if engine_ok else 1)
+
+
+def engine_section(quick: bool) -> int:
+    from engine_bench import run_all
+
+    text, ok = run_all(quick)
+    print(text, flush=True)
+    return 0 if ok else 1
+
+
+def decision_section(opts: argparse.Namespace) -> int:
     cfg = QUICK if opts.quick else FULL
     started = time.perf_counter()
 
@@ -404,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     overhead = timer_overhead_ns()
     results = {w.key: run_workload(w, cfg) for w in workloads}
     print(report(workloads, results, checks, overhead, cfg))
-    print(f"\nbench wall time {time.perf_counter() - started:.1f} s")
+    print(f"\nbench wall time {time.perf_counter() - started:.1f} s", flush=True)
 
     if opts.profile:
         # Fresh streams (other random seeds): ids the timed runs never saw, so the candidate cache
