@@ -25,7 +25,7 @@ from faramesh.engine.policy.limits import (
 )
 from faramesh.engine.policy.model import CompiledPolicy
 from faramesh.engine.policy.toolid import glob_to_regex
-from faramesh.engine.wal.dpr import NonCanonicalArgs, args_digest, args_hmac, canonical_bytes, redact
+from faramesh.engine.wal.dpr import NonCanonicalArgs, canonical_bytes, digest_of, hmac_hex, redact
 
 DEFAULT_APPROVAL_TTL = 86400
 RESERVATION_TTL = 3600
@@ -228,9 +228,15 @@ class EngineState:
                 self.rate[key] = RateBucket(min(float(limit.count), bucket.tokens + 1.0), bucket.updated_at)
 
     def expire_reservations(self, now: float) -> None:
-        for action_id, res in list(self.reservations.items()):
-            if now >= res.expires_at:
-                self.settle(action_id, res.cents, now)
+        """Settle expired reservations at their estimate. The TTL is constant, so the dict's insertion
+        order is expiry order: only the front is looked at, never the whole table (O(expired))."""
+        reservations = self.reservations
+        while reservations:
+            action_id = next(iter(reservations))
+            if now < reservations[action_id].expires_at:
+                break
+            self.settle(action_id, reservations[action_id].cents, now)
+            reservations.pop(action_id, None)  # settle pops it; make sure a miss cannot loop forever
 
     # ---- the pipeline
     def govern(
@@ -304,6 +310,10 @@ class EngineState:
                 "action_id": action_id,
                 "latency_us": record["latency_us"],
             }
+            if enforced["effect"] == PERMIT and record.get("approval_id"):
+                # a permit that an operator's approval granted says so, and who approved it
+                reply["approval_id"] = record["approval_id"]
+                reply["approver"] = record.get("approver")
             if enforced["effect"] != PERMIT:
                 reply["structured_denial"] = _structured_denial(
                     decision, record.get("approval_id"), record.get("approval_reason")
@@ -325,7 +335,8 @@ class EngineState:
                 args_bytes=None,
             )
         try:
-            raw_hmac = args_hmac(self.hmac_key, raw_args)
+            raw_bytes = canonical_bytes(raw_args)  # once: HMAC, digest and replay copy all derive from it
+            raw_hmac = hmac_hex(self.hmac_key, raw_bytes)
         except NonCanonicalArgs:
             return finish(
                 Decision(DENY, "ARGS_NOT_CANONICAL", None, "args cannot be canonicalised (RFC 8785)"),
@@ -345,16 +356,17 @@ class EngineState:
         paths: tuple[str, ...] = ()
         if agent is not None and decision.tool is not None:
             paths = tuple(p for r in agent.redactions if self._matches(r.pattern, decision.tool) for p in r.paths)
-        redacted = redact(raw_args, paths) if paths else raw_args
-        digest = args_digest(redacted)
-        # Args are kept for replay only when the policy identified the agent and the tool, so its
-        # redactions applied; a call it could not identify has nothing to replay, and storing it raw
-        # would persist fields a redaction exists to keep off disk.
-        redacted_bytes = canonical_bytes(redacted) if agent is not None and decision.tool is not None else None
+        # Args are digested and kept for replay only when the policy identified the agent and the tool,
+        # so its redactions applied. A call it could not identify gets neither: storing or hashing its
+        # raw args would put fields a redaction exists to protect (a card number) on disk, or a hash of
+        # them that a low-entropy value cannot survive.
+        identified = agent is not None and decision.tool is not None
+        redacted_bytes = (canonical_bytes(redact(raw_args, paths)) if paths else raw_bytes) if identified else None
+        digest = digest_of(redacted_bytes) if redacted_bytes is not None else None
         extra: dict[str, Any] = {"tool": tool}
         approval_writes: list[dict[str, Any]] = []
         undo: list[Callable[[], None]] = []
-        if decision.effect == DEFER and decision.tool is not None:
+        if decision.effect == DEFER and decision.tool is not None and digest is not None:
             decision, approval, created = self._resolve_defer(
                 decision, agent_id, decision.tool, raw_hmac, digest, now, timestamp, new_id
             )

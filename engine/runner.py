@@ -111,7 +111,13 @@ def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = 
         wal_info = {"backend": "sqlite", "path": str(wal_path), "sync": sync}
     ensure_private_dir(paths.state_dir, 0o700)
     signer = load_or_create_signer(paths.signing_key)
-    wal = Wal(store, signer, clock=time.time, signing_required=bool(runtime.get("signing_required", False)))
+    wal = Wal(
+        store,
+        signer,
+        clock=time.time,
+        signing_required=bool(runtime.get("signing_required", False)),
+        commit_inline=wal_info["sync"] != "full",
+    )
     state = EngineState(policy, hmac_key=_read_private_key(paths.hmac_key, 32), dev=False)
     sockets = [SocketSpec(Path(str(runtime.get("socket") or paths.operator_socket)), "operator", None, 0o660)]
     for agent_id in sorted(policy.agents):

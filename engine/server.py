@@ -393,7 +393,8 @@ class EngineServer:
     # ---- verbs
     async def _verb_govern(self, message: Message, peer: Peer) -> dict[str, Any]:
         started = self.clock_ns()
-        now, _, timestamp = self._ids()
+        now = self.clock()
+        timestamp = rfc3339(now)
         self.state.expire_reservations(now)
         verdict = self.state.govern(
             message.fields,
@@ -423,11 +424,13 @@ class EngineServer:
                     "resolution": {"type": "retry_after"},
                 },
             }
-        if self.config.pretty_dprs:
-            sys.stderr.write(
-                orjson.dumps(verdict.record, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n"
-            )
+        self._show(verdict.record)
         return verdict.reply
+
+    def _show(self, record: dict[str, Any]) -> None:
+        """dev: every committed DPR is printed on stderr (pretty JSON)."""
+        if self.config.pretty_dprs:
+            sys.stderr.write(orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")
 
     async def _verb_poll_defer(self, message: Message, peer: Peer) -> dict[str, Any]:
         approval = self.state.approvals.get(message.fields["defer_token"])
@@ -478,6 +481,7 @@ class EngineServer:
             self.state.reservations[action_id] = reservation  # not recorded, not settled
             raise _VerbError("WAL_WRITE_FAILURE", "the settlement could not be recorded") from exc
         self.state.settle_reservation(reservation, actual, now)
+        self._show(record)
         return {"action_id": action_id, "settled_cents": actual}
 
     async def _verb_status(self, message: Message, peer: Peer) -> dict[str, Any]:
@@ -530,6 +534,7 @@ class EngineServer:
             # not recorded, not resolved
             approval.status, approval.approver, approval.reason, approval.resolved_at = "PENDING", None, None, None
             raise _VerbError("WAL_WRITE_FAILURE", "the resolution could not be recorded") from exc
+        self._show(record)
         return {"approval": approval.public(now)}
 
     async def _verb_reload(self, message: Message, peer: Peer) -> dict[str, Any]:

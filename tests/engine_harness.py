@@ -547,14 +547,19 @@ def _install_test_hooks(env: Mapping[str, str]) -> None:
         runner.SqliteStore = HookedStore  # type: ignore[misc]
 
     interval = env.get("FARAMESH_TEST_CHECKPOINT_INTERVAL")
-    if interval:
+    if interval or commit_sleep:
 
-        class SlowCheckpointWal(wal_log.Wal):
+        class TestWal(wal_log.Wal):
             def __init__(self, *a: Any, **kw: Any) -> None:
-                kw["checkpoint_interval"] = float(interval)
+                if interval:
+                    kw["checkpoint_interval"] = float(interval)
+                if commit_sleep:
+                    # A sleeping commit models a slow fdatasync, which the engine never runs on its
+                    # event loop: keep it on the writer thread whatever the sync level.
+                    kw["commit_inline"] = False
                 super().__init__(*a, **kw)
 
-        runner.Wal = SlowCheckpointWal  # type: ignore[misc]
+        runner.Wal = TestWal  # type: ignore[misc]
 
     init_delay = float(env.get("FARAMESH_TEST_INIT_DELAY") or 0)
     idle = env.get("FARAMESH_TEST_IDLE_TIMEOUT")

@@ -57,13 +57,22 @@ def canonical_bytes(value: Any) -> bytes:
         raise NonCanonicalArgs(f"args cannot be canonicalised ({type(exc).__name__})") from None
 
 
+def digest_of(redacted_bytes: bytes) -> str:
+    """The DPR's `args_digest`: over the canonical bytes of the *redacted* args."""
+    return "sha256:" + hashlib.sha256(redacted_bytes).hexdigest()
+
+
 def args_digest(redacted_args: Mapping[str, Any]) -> str:
-    return "sha256:" + hashlib.sha256(canonical_bytes(dict(redacted_args))).hexdigest()
+    return digest_of(canonical_bytes(dict(redacted_args)))
+
+
+def hmac_hex(key: bytes, raw_bytes: bytes) -> str:
+    return hmac.new(key, raw_bytes, hashlib.sha256).hexdigest()
 
 
 def args_hmac(key: bytes, raw_args: Mapping[str, Any]) -> str:
     """Approval matching: an HMAC of the raw args under the engine key, kept only with the approval."""
-    return hmac.new(key, canonical_bytes(dict(raw_args)), hashlib.sha256).hexdigest()
+    return hmac_hex(key, canonical_bytes(dict(raw_args)))
 
 
 def record_body(record: Mapping[str, Any]) -> bytes:
