@@ -1258,3 +1258,20 @@ def test_readme_options_match_help_output(capsys: pytest.CaptureFixture[str]) ->
         usage = sections[name].strip().splitlines()[0]
         named = set(re.findall(r"\[(--[\w-]+)", usage))
         assert shown == named, (name, shown, named)
+
+
+def test_preflight_reports_the_host_and_exits_by_verdict(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "preflight", "--profile", "full", "--format", "json")
+    data = json.loads(out)
+    assert rc == (0 if data["can_deliver"] else 4), (data["problems"], err)
+    assert data["profile"] == "full"
+    assert {"landlock_abi", "user_namespaces", "seccomp", "cgroup_version", "fresh_proc"} <= set(data)
+    if not data["can_deliver"]:
+        assert data["problems"]
+    rc_off, out_off, _ = run(capsys, "preflight", "--profile", "off")
+    assert rc_off == 0 and "credential stripping only" in out_off
+
+
+def test_preflight_unknown_profile_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, _ = run(capsys, "preflight", "--profile", "bogus")
+    assert rc == 64
