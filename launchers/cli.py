@@ -373,6 +373,42 @@ def init(dir: DirOpt = None) -> None:
     raise typer.Exit(EXIT_OK)
 
 
+class Profile(StrEnum):
+    full = "full"
+    minimal = "minimal"
+    off = "off"
+
+
+@app.command()
+def preflight(
+    profile: Annotated[Profile, typer.Option("--profile", help="Sandbox profile to check.")] = Profile.full,
+    format: FormatOpt = Format.text,
+) -> None:
+    """Can this host deliver a sandbox profile? Exit 0 yes, 4 no (naming what is missing)."""
+    from faramesh.sandbox.errors import SandboxError
+    from faramesh.sandbox.preflight import run_preflight
+
+    try:
+        report = run_preflight(profile.value)
+    except SandboxError as exc:
+        sys.stderr.write(f"faramesh preflight: {exc}\n")
+        raise typer.Exit(EXIT_RUNTIME) from None
+    data = report.to_dict()
+    if format is Format.json:
+        _emit_json(data)
+    else:
+        for key, value in data.items():
+            if key not in ("problems", "warnings", "can_deliver"):
+                sys.stdout.write(f"{key:<22} {value}\n")
+        for w in report.warnings:
+            sys.stdout.write(f"warning: {w}\n")
+        for p in report.problems:
+            sys.stdout.write(f"missing: {p}\n")
+        verdict = "can" if report.can_deliver else "CANNOT"
+        sys.stdout.write(f"this host {verdict} deliver profile {profile.value}\n")
+    raise typer.Exit(EXIT_OK if report.can_deliver else EXIT_RUNTIME)
+
+
 @app.command()
 def dev(dir: DirOpt = None, registry: RegistryOpt = None) -> None:
     """Run the engine in the foreground with in-process stubs (in-memory WAL, no sandbox)."""
@@ -439,15 +475,51 @@ SocketOpt = Annotated[
 ]
 
 
+WATCH_INTERVAL_S = 1.0
+
+
 @app.command()
-def status(dir: DirOpt = None, socket: SocketOpt = None, format: FormatOpt = Format.text) -> None:
+def status(
+    dir: DirOpt = None,
+    socket: SocketOpt = None,
+    format: FormatOpt = Format.text,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Redraw every second until Ctrl-C (json: one object per line); exits 0."),
+    ] = False,
+) -> None:
     """Engine state, policy, WAL, budgets and approvals. Exit 0 READY, 2 initialising, 3 degraded, 4 down."""
     stack = _stack_dir(dir)
+    if not watch:
+        raise typer.Exit(_status_once(stack, socket, format))
+    import time
+
+    clear = sys.stdout.isatty() and format is Format.text
+    try:
+        while True:
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            try:
+                _status_once(stack, socket, format, compact=True)
+            except typer.Exit:  # not running (said on stderr): keep watching, it may come back
+                if format is Format.json:
+                    sys.stdout.write(json.dumps({"daemon": {"state": "DOWN"}}, sort_keys=True) + "\n")
+                else:
+                    sys.stdout.write("engine    DOWN (not running)\n")
+            sys.stdout.flush()
+            time.sleep(WATCH_INTERVAL_S)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_OK) from None
+
+
+def _status_once(stack: Path, socket: Path | None, format: Format, *, compact: bool = False) -> int:
+    """Print the engine's status once; the exit code it means. `compact`: JSON on one line (--watch)."""
+    emit = (lambda d: sys.stdout.write(json.dumps(d, sort_keys=True) + "\n")) if compact else _emit_json
     reply = _engine_request(stack, {"type": "status"}, socket)
     if "error" in reply:
         code = reply["error"].get("code")
         if format is Format.json:
-            _emit_json(
+            emit(
                 {
                     "daemon": {"state": "INITIALIZING" if code == "DAEMON_NOT_READY" else "UNKNOWN"},
                     "error": reply["error"],
@@ -455,10 +527,10 @@ def status(dir: DirOpt = None, socket: SocketOpt = None, format: FormatOpt = For
             )
         else:
             sys.stdout.write(f"engine: {reply['error'].get('message')}\n")
-        raise typer.Exit(EXIT_IMPORT if code == "DAEMON_NOT_READY" else EXIT_RUNTIME)
+        return EXIT_IMPORT if code == "DAEMON_NOT_READY" else EXIT_RUNTIME
     daemon = reply["daemon"]
     if format is Format.json:
-        _emit_json(reply)
+        emit(reply)
     else:
         wal = daemon["wal"]
         degraded = f" (degraded: {daemon['last_error']})" if daemon["degraded"] else ""
@@ -475,9 +547,15 @@ def status(dir: DirOpt = None, socket: SocketOpt = None, format: FormatOpt = For
             used = b["spent_cents"] + b["reserved_cents"]
             name = f"{b['agent_id']}/{b['name']}"
             sys.stdout.write(f"budget    {name}: {used}c of {b['max_cents']}c, {b['calls']} calls\n")
+        alerts = reply.get("alerts")
+        if alerts:
+            sys.stdout.write(
+                f"alerts    {alerts['sent']} sent, {alerts['failed']} failed, {alerts['dropped']} dropped, "
+                f"{alerts['queued']} queued\n"
+            )
     if daemon["state"] != "READY":
-        raise typer.Exit(EXIT_IMPORT)
-    raise typer.Exit(EXIT_WARN if daemon["degraded"] else EXIT_OK)
+        return EXIT_IMPORT
+    return EXIT_WARN if daemon["degraded"] else EXIT_OK
 
 
 approvals_app = typer.Typer(
