@@ -66,6 +66,12 @@ ETC_ALLOW = (
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus")
 SOCKET_MOUNTPOINT = "/run/faramesh"
+# A floor under the spec (DESIGN.md §2): whatever `read_only_paths`/`hidden_paths` say, the stack's config
+# is never writable and `.faramesh/` never visible. The read-only ones matter when the workspace is the
+# stack dir (or holds it): `.git` whole, because read-only binds on `.git/hooks` alone are defeated by
+# renaming `.git` itself (a directory that merely *contains* mount points can be renamed).
+STACK_READ_ONLY = ("governance.fms", ".git")
+STACK_HIDDEN = (".faramesh",)
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -292,9 +298,13 @@ def build_root(spec: SandboxSpec, *, base: str = "/tmp", system_dirs: tuple[str,
         devices = [src("/dev/" + name, optional=True) for name in DEVICES]
         stack = src(spec.stack_dir, nofollow=True, directory=True)
         workspace = src(spec.workspace, nofollow=True, directory=True)
-        extra_ro = [src(p, nofollow=True, optional=True) for p in sorted(spec.read_only_paths, key=_depth)]
+        ro_paths = set(spec.read_only_paths)
+        ws_prefix = spec.workspace.rstrip("/") + "/"
+        if spec.stack_dir == spec.workspace or spec.stack_dir.startswith(ws_prefix):
+            ro_paths.update(f"{spec.stack_dir}/{name}" for name in STACK_READ_ONLY)
+        extra_ro = [src(p, nofollow=True, optional=True) for p in sorted(ro_paths, key=_depth)]
         sockets = src(spec.socket_dir, nofollow=True, directory=True) if spec.socket_dir else None
-        hidden = sorted(spec.hidden_paths, key=_depth)
+        hidden = sorted({*spec.hidden_paths, *(f"{spec.stack_dir}/{name}" for name in STACK_HIDDEN)}, key=_depth)
 
         # 3. The new root: a small tmpfs, read-only once populated (step 8).
         root = base
@@ -322,8 +332,9 @@ def build_root(spec: SandboxSpec, *, base: str = "/tmp", system_dirs: tuple[str,
 
         # 5. Stack read-only, then the workspace read-write over it (parents before children), then the
         #    extra read-only paths, which may sit inside the workspace and so must come after it.
-        _bind(stack, root + spec.stack_dir, readonly=True)
-        _bind(workspace, root + spec.workspace, readonly=False)
+        #    Shallower first: a workspace that holds the stack dir must not cover the stack's read-only bind.
+        for s in sorted((stack, workspace), key=lambda x: _depth(x.path)):
+            _bind(s, root + s.path, readonly=s is stack)
         for s in extra_ro:
             if s.exists:
                 _bind(s, root + s.path, readonly=True)
