@@ -81,5 +81,8 @@ def stack_paths(stack_dir: Path, *, euid: int | None = None, env: Mapping[str, s
     longest = runtime / "agents" / ("x" * 16) / "agent.sock"
     if len(str(longest)) > SUN_PATH_MAX:
         runtime = Path(f"/tmp/fm-{euid}") / hashlib.sha256(str(runtime).encode()).hexdigest()[:12]
-    log = Path("/var/log/faramesh") / sid if euid == 0 else state / "log"
+    if env.get("FARAMESH_LOG_DIR"):
+        log = Path(env["FARAMESH_LOG_DIR"]) / sid
+    else:
+        log = Path("/var/log/faramesh") / sid if euid == 0 else state / "log"
     return StackPaths(sid, state, runtime, log)

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import sys
 
-LEAN_COMMANDS = ("serve",)
+LEAN_COMMANDS = ("serve", "supervise")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in LEAN_COMMANDS and not {"-h", "--help"} & set(args[1:]):
+        if args[0] == "supervise":
+            from faramesh.supervisor.supervisor import main as supervise_main
+
+            return supervise_main(args[1:])
         from faramesh.launchers.serve import main as serve_main
 
         return serve_main(args[1:])

@@ -1,0 +1,452 @@
+"""`faramesh apply`, `apply --stop` and `unlock` (DESIGN.md §3), as root.
+
+apply: check → compile → write `.faramesh/policy.json` (deterministic; its SHA-256 is the version),
+`.faramesh/bin/agent`, `.faramesh/runtime/agent.env` and the state-dir copy the engine reads → converge:
+the same version running with everything up is a no-op; another version running is hot-swapped over
+operator.sock (`reload`; agents keep running; those whose sandbox settings changed are named); nothing
+running → `faramesh serve` and `faramesh supervise` detached, READY awaited → lock the config when
+`immutable_config = true` → print socket, launcher line, the launch report and log paths.
+
+Exit codes: 0 ok · 1 policy error (nothing changed) · 2 import/trust failure · 4 runtime failure (not
+root, engine not READY in time, an agent or the engine died right after the start, immutable flag not
+settable, reload refused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from faramesh.engine.paths import StackPaths, stack_paths
+from faramesh.supervisor.layout import (
+    BOOT,
+    SOCKET_INSIDE,
+    SYSTEM_PYTHON,
+    AgentPlan,
+    SupervisorFiles,
+    ensure_pkg_root,
+    lock_holder,
+    plan_agents,
+    read_state,
+    tail,
+    write_private,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_RUNTIME = 0, 1, 4
+SETTLE_SECONDS = 3.0  # an engine or agent that dies this soon after the start fails the apply
+AGENT_START_TIMEOUT = 15.0
+STOP_TIMEOUT = 30.0
+SANDBOX_RUNTIME_KEYS = ("os_tier", "agent_enforce_profile", "workspace", "strip_env", "env_allow", "supervised_command")
+
+
+def _say(message: str) -> None:
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(f"faramesh apply: {message}\n")
+    sys.stderr.flush()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def lock_targets(stack: Path) -> list[Path]:
+    dot = stack / ".faramesh"
+    return [stack / "governance.fms", dot, dot / "policy.json", dot / "bin" / "agent"]
+
+
+def engine_request(paths: StackPaths, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any] | None:
+    """One request over operator.sock; None when nothing answers."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(paths.operator_socket))
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        reply = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    return reply if isinstance(reply, dict) else None
+
+
+def _engine_ready(paths: StackPaths) -> dict[str, Any] | None:
+    reply = engine_request(paths, {"type": "status"}, timeout=2.0)
+    if reply and "daemon" in reply and reply["daemon"].get("state") == "READY":
+        return reply["daemon"]  # type: ignore[no-any-return]
+    return None
+
+
+def shim_text(files: SupervisorFiles, pkg_root: Path, default_agent: str) -> str:
+    spec_dir = shlex.quote(str(files.agents_dir))
+    return (
+        "#!/bin/sh\n"
+        "# Written by `faramesh apply`: run a command in this stack's sandbox (the supervisor's code path).\n"
+        "#   .faramesh/bin/agent [--agent ID] -- command [args…]\n"
+        f"agent={shlex.quote(default_agent)}\n"
+        'if [ "$1" = "--agent" ]; then agent="$2"; shift 2; fi\n'
+        'case "$agent" in ""|.*|*[!A-Za-z0-9._-]*) echo "agent: bad agent id" >&2; exit 64;; esac\n'
+        f"exec {SYSTEM_PYTHON} -I -S -c {shlex.quote(BOOT)} {shlex.quote(str(pkg_root))} "
+        f'--spec {spec_dir}/"$agent".json "$@"\n'
+    )
+
+
+def agent_env_text(paths: StackPaths, plans: list[AgentPlan]) -> str:
+    lines = [f"FARAMESH_STACK_ID={paths.stack_id}"]
+    if len(plans) == 1:
+        lines.append(f"FARAMESH_SOCKET={SOCKET_INSIDE}")
+    for plan in plans:
+        name = "".join(c if c.isalnum() else "_" for c in plan.agent_id).upper()
+        lines.append(f"FARAMESH_AGENT_SOCKET_{name}={paths.agent_socket(plan.agent_id)}")
+    return "\n".join(lines) + "\n"
+
+
+def _differs(path: Path, data: bytes) -> bool:
+    try:
+        return path.read_bytes() != data
+    except OSError:
+        return True
+
+
+def _restart_needed(old_raw: bytes | None, policy: Any) -> list[str]:
+    """Agents whose sandbox settings (command, profile, workspace, env rules) changed: they keep running
+    with the old ones until restarted."""
+    if old_raw is None:
+        return []
+    try:
+        old = json.loads(old_raw)
+    except ValueError:
+        return sorted(policy.agents)
+    new = policy.to_dict()
+    runtime_changed = any(old.get("runtime", {}).get(k) != new["runtime"].get(k) for k in SANDBOX_RUNTIME_KEYS)
+    names = []
+    for agent_id, agent in new["agents"].items():
+        before = old.get("agents", {}).get(agent_id)
+        if runtime_changed or before is None or before.get("command") != agent.get("command"):
+            names.append(agent_id)
+    return sorted(names)
+
+
+def _lock_config(stack: Path, version: str) -> list[str]:
+    from faramesh.sandbox import immutable
+
+    locked = []
+    when = _now()
+    for path in lock_targets(stack):
+        if not immutable.is_set(str(path)):
+            immutable.lock(str(path), version, when)
+        locked.append(str(path))
+    return locked
+
+
+def _unlock_for_write(stack: Path) -> None:
+    from faramesh.sandbox import immutable
+    from faramesh.sandbox.errors import SandboxError
+
+    for path in lock_targets(stack):
+        with contextlib.suppress(FileNotFoundError, SandboxError):
+            if path.exists() and immutable.is_set(str(path)):
+                immutable.clear_immutable(str(path))
+
+
+def apply(stack: Path, *, foreground: bool = False, registry: Path | None = None) -> int:
+    from faramesh.engine.policy.errors import FarameshError
+    from faramesh.engine.policy.stack import compile_stack
+    from faramesh.engine.server import ensure_private_dir
+    from faramesh.sandbox.errors import SandboxError
+    from faramesh.supervisor.supervisor import install_agent_specs, start_engine, start_supervisor
+
+    if os.geteuid() != 0:
+        _err("needs root (it launches agents under their own uids); use `faramesh dev` unprivileged")
+        return EXIT_RUNTIME
+    stack = Path(os.path.realpath(stack))
+    try:
+        compiled = compile_stack(stack, registry=registry)
+    except FarameshError as err:
+        where = f"{err.pos}: " if err.pos else ""
+        sys.stderr.write(f"{where}error: {err.message}\nfaramesh apply: nothing changed\n")
+        return int(err.exit_code)
+    policy = compiled.policy
+    version = policy.version
+    paths = stack_paths(stack)
+    files = SupervisorFiles(paths)
+    try:
+        plans = plan_agents(stack, policy, paths)
+    except ValueError as exc:
+        _err(f"{exc}; nothing changed")
+        return EXIT_FAILED
+
+    # 1. Artifacts (only what changed is rewritten, so a converged apply touches nothing).
+    pkg_root = ensure_pkg_root(files)
+    dot = stack / ".faramesh"
+    default_agent = next((p.agent_id for p in plans if p.argv), plans[0].agent_id if plans else "agent")
+    artifacts = [
+        (dot / "policy.json", policy.to_json(), 0o644),
+        (dot / "bin" / "agent", shim_text(files, pkg_root, default_agent).encode(), 0o755),
+        (dot / "runtime" / "agent.env", agent_env_text(paths, plans).encode(), 0o644),
+    ]
+    ensure_private_dir(paths.state_dir, 0o700)
+    try:
+        old_copy: bytes | None = paths.policy_copy.read_bytes()
+    except OSError:
+        old_copy = None
+    changed = [p for p, data, _ in artifacts if _differs(p, data)]
+    try:
+        if changed:
+            _unlock_for_write(stack)
+        for path, data, mode in artifacts:
+            if path in changed:
+                write_private(path, data, mode)
+        if _differs(paths.policy_copy, policy.to_json()):
+            write_private(paths.policy_copy, policy.to_json(), 0o600)
+        install_agent_specs(stack, files, plans)
+    except OSError as exc:
+        _err(f"cannot write the applied files: {exc}")
+        return EXIT_RUNTIME
+    locked: list[str] = []
+    if policy.runtime.get("immutable_config"):
+        try:
+            locked = _lock_config(stack, version)
+        except (SandboxError, OSError) as exc:
+            _err(f"immutable_config = true but the config could not be locked: {exc}")
+            return EXIT_RUNTIME
+
+    # 2. The engine: converge, hot swap, or start.
+    acted = bool(changed)
+    daemon = _engine_ready(paths) if lock_holder(paths.lock_file) is not None else None
+    if daemon is not None and daemon.get("policy_version") != version:
+        previous = str(daemon.get("policy_version"))
+        reply = engine_request(paths, {"type": "reload", "policy_version": version})
+        if reply is None or "error" in reply:
+            why = (reply or {}).get("error", {}).get("message", "no answer on operator.sock")
+            _err(f"the engine refused the new policy; version {previous[:16]} keeps running: {why}")
+            return EXIT_RUNTIME
+        _say(f"hot-swapped policy {previous[:16]} → {version[:16]} (agents keep running)")
+        restart = _restart_needed(old_copy, policy)
+        if restart:
+            _say(f"sandbox settings changed: restart to apply them: {', '.join(restart)}")
+        acted = True
+    elif daemon is None:
+        if lock_holder(paths.lock_file) is not None:
+            _err("an engine holds this stack but is not READY; see `faramesh status` and `faramesh logs --engine`")
+            return EXIT_RUNTIME
+        proc = start_engine(stack, files)
+        timeout = float(policy.runtime.get("cold_start_deny_window", 30)) + 5.0
+        deadline = time.monotonic() + timeout
+        while (daemon := _engine_ready(paths)) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = (
+                    f"exited with status {proc.returncode}"
+                    if proc.returncode is not None
+                    else (f"not READY within {timeout:.0f}s")
+                )
+                _err(f"the engine {why}; last lines of {files.engine_log}:\n{tail(files.engine_log)}")
+                with contextlib.suppress(ProcessLookupError):
+                    if proc.poll() is None:
+                        proc.terminate()
+                return EXIT_RUNTIME
+            time.sleep(0.1)
+        _say(f"engine READY (pid {daemon.get('pid')}, policy {version[:16]})")
+        acted = True
+
+    # 3. The supervisor and its agents.
+    launched = [p for p in plans if p.argv]
+    if lock_holder(files.lock_file) is None:
+        if foreground:
+            _summary(stack, paths, files, launched, locked)
+            _say("supervising in the foreground (Ctrl-C stops the agents; the engine keeps running)")
+            from faramesh.supervisor.supervisor import run as supervise
+
+            return supervise(stack)
+        start_supervisor(stack, files)
+        acted = True
+        if launched and not _await_agents(paths, files, launched):
+            return EXIT_RUNTIME
+    if not acted:
+        _say(f"up to date: policy {version[:16]}, engine READY, supervisor running; nothing to do")
+        return EXIT_OK
+    _summary(stack, paths, files, launched, locked)
+    return EXIT_OK
+
+
+def _await_agents(paths: StackPaths, files: SupervisorFiles, plans: list[AgentPlan]) -> bool:
+    """Every agent running, then still running (and the engine still up) SETTLE_SECONDS later."""
+    deadline = time.monotonic() + AGENT_START_TIMEOUT
+    settle_until: float | None = None
+    while True:
+        state = read_state(files)
+        agents = (state or {}).get("agents", {})
+        bad = [
+            a
+            for a in plans
+            if agents.get(a.agent_id, {}).get("state") in ("backoff", "FATAL")
+            or agents.get(a.agent_id, {}).get("restarts", 0)
+        ]
+        if bad:
+            for plan in bad:
+                _err(
+                    f'agent "{plan.agent_id}" died right after its start; last lines of '
+                    f"{files.agent_log(plan.agent_id)}:\n{tail(files.agent_log(plan.agent_id))}"
+                )
+            return False
+        if lock_holder(paths.lock_file) is None:
+            _err(f"the engine died; last lines of {files.engine_log}:\n{tail(files.engine_log)}")
+            return False
+        if state is not None and lock_holder(files.lock_file) is None:
+            _err(f"the supervisor died; last lines of {files.supervisor_log}:\n{tail(files.supervisor_log)}")
+            return False
+        running = all(agents.get(a.agent_id, {}).get("state") == "running" for a in plans)
+        now = time.monotonic()
+        if running and settle_until is None:
+            settle_until = now + SETTLE_SECONDS
+        if settle_until is not None and now >= settle_until:
+            return True
+        if settle_until is None and now > deadline:
+            _err(
+                f"the agents did not start within {AGENT_START_TIMEOUT:.0f}s; last lines of "
+                f"{files.supervisor_log}:\n{tail(files.supervisor_log)}"
+            )
+            return False
+        time.sleep(0.1)
+
+
+def _summary(stack: Path, paths: StackPaths, files: SupervisorFiles, plans: list[AgentPlan], locked: list[str]) -> None:
+    _say(f"socket    {paths.operator_socket}  (operator)")
+    for plan in plans:
+        _say(
+            f'socket    {paths.agent_socket(plan.agent_id)}  (agent "{plan.agent_id}", '
+            f"{SOCKET_INSIDE} inside its sandbox)"
+        )
+    _say(f"launcher  {stack / '.faramesh' / 'bin' / 'agent'} [--agent ID] -- command …")
+    for plan in plans:
+        try:
+            report = files.report_file(plan.agent_id).read_text(errors="replace").strip()
+        except OSError:
+            report = ""
+        _say(f'agent     "{plan.agent_id}": uid {plan.uid}, profile {plan.profile}, workspace {plan.workspace}')
+        for line in report.splitlines():
+            _say(f"  {line}")
+    _say(f"config    {'locked (immutable): ' + ', '.join(locked) if locked else 'not locked (immutable_config off)'}")
+    _say(f"logs      {files.engine_log}")
+    _say(f"          {files.supervisor_log}")
+    for plan in plans:
+        _say(f"          {files.agent_log(plan.agent_id)}")
+
+
+def _wait_unlocked(path: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while lock_holder(path) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _signal(pid: int, signum: int) -> None:
+    if pid > 1:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def stop(stack: Path) -> int:
+    """Supervisor first (it stops the agents: SIGINT, grace, SIGKILL to each sandbox init), then the
+    engine (SIGTERM: it drains and exits 0); then sockets, pid and lock files. Nothing running → 0."""
+    from faramesh.supervisor.supervisor import STOP_GRACE
+
+    if os.geteuid() != 0:
+        _err("--stop needs root")
+        return EXIT_RUNTIME
+    stack = Path(os.path.realpath(stack))
+    paths = stack_paths(stack)
+    files = SupervisorFiles(paths)
+    stopped = []
+    sup = lock_holder(files.lock_file)
+    if sup is not None:
+        state = read_state(files) or {}
+        _signal(sup, signal.SIGTERM)
+        if not _wait_unlocked(files.lock_file, STOP_GRACE + 5):
+            _signal(sup, signal.SIGKILL)
+            for info in state.get("agents", {}).values():
+                if info.get("pid"):
+                    _kill_tree(int(info["pid"]))
+            _wait_unlocked(files.lock_file, 5)
+        stopped.append(f"supervisor (pid {sup})")
+    eng = lock_holder(paths.lock_file)
+    if eng is not None:
+        _signal(eng, signal.SIGTERM)
+        if not _wait_unlocked(paths.lock_file, STOP_TIMEOUT):
+            _err(f"the engine (pid {eng}) did not drain within {STOP_TIMEOUT:.0f}s: killed")
+            _signal(eng, signal.SIGKILL)
+            _wait_unlocked(paths.lock_file, 5)
+        stopped.append(f"engine (pid {eng})")
+    for path in (paths.operator_socket, files.pid_file, files.state_file):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    agents_dir = paths.runtime_dir / "agents"
+    if agents_dir.is_dir():
+        for sub in agents_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                (sub / "agent.sock").unlink()
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+        with contextlib.suppress(OSError):
+            agents_dir.rmdir()
+    with contextlib.suppress(OSError):
+        paths.runtime_dir.rmdir()
+    for lock in (files.lock_file, paths.lock_file):
+        if lock_holder(lock) is None:
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+    _say(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+    return EXIT_OK
+
+
+def _kill_tree(pid: int) -> None:
+    from faramesh.supervisor.supervisor import _children_of
+
+    for child in _children_of(pid):
+        _kill_tree(child)
+    _signal(pid, signal.SIGKILL)
+
+
+def unlock(stack: Path) -> int:
+    """Clear the immutable flags (the next `apply` re-locks) and record when, in trusted xattrs."""
+    from faramesh.sandbox import immutable
+    from faramesh.sandbox.errors import SandboxError
+
+    if os.geteuid() != 0:
+        sys.stderr.write("faramesh unlock: needs root (CAP_LINUX_IMMUTABLE)\n")
+        return EXIT_RUNTIME
+    stack = Path(os.path.realpath(stack))
+    when = _now()
+    cleared = []
+    try:
+        for path in lock_targets(stack):
+            if path.exists() and immutable.is_set(str(path)):
+                immutable.unlock(str(path), when)
+                cleared.append(str(path))
+    except (SandboxError, OSError) as exc:
+        sys.stderr.write(f"faramesh unlock: {exc}\n")
+        return EXIT_RUNTIME
+    if cleared:
+        _say(f"config unlocked since {when}: {', '.join(cleared)}")
+    else:
+        _say("config was not locked")
+    # No engine verb records `config_unlocked` yet: the xattrs above are the record for now.
+    return EXIT_OK
