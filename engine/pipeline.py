@@ -1,7 +1,8 @@
 """The decision pipeline around the pure evaluator, and the engine state it owns.
 
-identity → rule match → conditions → rate limit → budget → (approvals for defers) → redaction →
-decision → DPR draft. The result is a `Verdict`: the reply to send, the record to append and the
+identity → rule match → conditions → rate limit → budget → egress (SDK tier: host arguments, for permits
+and defers of an agent with an `egress` block) → (approvals for defers) → redaction → decision → DPR
+draft. The result is a `Verdict`: the reply to send, the record to append and the
 approval writes to commit with it. Nothing here does I/O; the server appends the record to the WAL
 and sends the reply only once it has committed. Time, randomness and the engine key are passed in.
 """
@@ -14,6 +15,7 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any
 
+from faramesh.engine.egress import EgressConfigError, EgressPolicy, check_args, compile_egress
 from faramesh.engine.policy.evaluate import DEFER, DENY, PERMIT, Decision, evaluate
 from faramesh.engine.policy.limits import (
     BudgetUsage,
@@ -23,9 +25,9 @@ from faramesh.engine.policy.limits import (
     period_bounds,
     spend_rate,
 )
-from faramesh.engine.policy.model import CompiledPolicy
+from faramesh.engine.policy.model import Agent, CompiledPolicy
 from faramesh.engine.policy.toolid import glob_to_regex
-from faramesh.engine.wal.dpr import NonCanonicalArgs, canonical_bytes, digest_of, hmac_hex, redact
+from faramesh.engine.wal.dpr import REDACTED, NonCanonicalArgs, canonical_bytes, digest_of, hmac_hex, redact
 
 DEFAULT_APPROVAL_TTL = 86400
 RESERVATION_TTL = 3600
@@ -108,6 +110,7 @@ class EngineState:
         self._approval_index: dict[tuple[str, str, str], str] = {}
         self._snapshot = StateSnapshot(MappingProxyType(self.rate), MappingProxyType(self.budgets))
         self._patterns: dict[str, Any] = {}
+        self._egress: dict[str, tuple[Agent, EgressPolicy | EgressConfigError]] = {}
 
     @property
     def mode(self) -> str:
@@ -366,6 +369,12 @@ class EngineState:
         extra: dict[str, Any] = {"tool": tool}
         approval_writes: list[dict[str, Any]] = []
         undo: list[Callable[[], None]] = []
+        if decision.effect in (PERMIT, DEFER) and agent is not None and decision.tool is not None:
+            # Egress (SDK tier) after rate limit and budget, before any approval is created or used: a
+            # call that names a host the agent may not reach is denied, whatever the rules said.
+            egress = self._egress_refusal(agent, raw_args, raw_bytes, paths, decision.tool)
+            if egress is not None:
+                decision, extra["egress"] = egress
         if decision.effect == DEFER and decision.tool is not None and digest is not None:
             decision, approval, created = self._resolve_defer(
                 decision, agent_id, decision.tool, raw_hmac, digest, now, timestamp, new_id
@@ -398,6 +407,46 @@ class EngineState:
         if decision.retry_after_seconds is not None:
             verdict.reply["structured_denial"]["resolution"]["retry_after_seconds"] = decision.retry_after_seconds
         return verdict
+
+    def egress_policy(self, agent: Agent) -> EgressPolicy | EgressConfigError | None:
+        """The agent's compiled `egress` block (cached per policy object), the error that makes it unusable,
+        or None when the agent has none."""
+        block = agent.settings.get("egress")
+        if block is None:
+            return None
+        cached = self._egress.get(agent.agent_id)
+        if cached is not None and cached[0] is agent:
+            return cached[1]
+        compiled: EgressPolicy | EgressConfigError
+        try:
+            compiled = compile_egress(block)
+        except EgressConfigError as exc:
+            compiled = exc
+        self._egress[agent.agent_id] = (agent, compiled)
+        return compiled
+
+    def _egress_refusal(
+        self, agent: Agent, raw_args: Any, raw_bytes: bytes, redacted_paths: tuple[str, ...], tool: str
+    ) -> tuple[Decision, dict[str, Any]] | None:
+        policy = self.egress_policy(agent)
+        if policy is None:
+            return None
+        ref = agent.ref or None
+        if isinstance(policy, EgressConfigError):  # never served (start and reload refuse it); fail closed
+            reason = f"the egress block is invalid: {policy}"
+            note: dict[str, Any] = {"tier": "sdk", "arg": None, "host": None, "reason": reason}
+            return Decision(DENY, "EGRESS_DENIED", ref, reason, tool), note
+        refusal = check_args(policy, raw_args, raw_bytes)
+        if refusal is None:
+            return None
+        # The DPR names the refused host, unless it came from an argument the policy redacts.
+        hidden = any(refusal.arg == p or refusal.arg.startswith(p + ".") for p in redacted_paths)
+        host = REDACTED if hidden and refusal.host is not None else refusal.host
+        arg = refusal.arg[:256]
+        note = {"tier": "sdk", "arg": arg, "host": host, "reason": refusal.reason}
+        shown = f"egress to {host}" if host is not None else "egress"
+        message = f"{shown} (argument `{arg}`) refused: {refusal.reason}"
+        return Decision(DENY, "EGRESS_DENIED", ref, message, tool), note
 
     def _resolve_defer(
         self,

@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 from typing import IO
 
+from faramesh.engine.alerts import AlertConfig, AlertDispatcher, MissingEnvironment
 from faramesh.engine.paths import StackPaths, stack_paths
 from faramesh.engine.pipeline import EngineState
 from faramesh.engine.policy.model import CompiledPolicy, policy_from_json
 from faramesh.engine.server import EngineServer, ServerConfig, SocketSpec, ensure_private_dir
 from faramesh.engine.wal.log import Wal
 from faramesh.engine.wal.signer import ephemeral_signer, load_or_create_signer
-from faramesh.engine.wal.store import MemoryStore, SqliteStore
+from faramesh.engine.wal.store import DEFAULT_REPLAY_RETENTION, MemoryStore, SqliteStore
 
 
 class EngineStartError(Exception):
@@ -67,9 +68,34 @@ def acquire_engine_lock(paths: StackPaths) -> IO[str]:
     return handle
 
 
+def _log(message: str) -> None:
+    sys.stderr.write(f"faramesh engine: {message}\n")
+    sys.stderr.flush()
+
+
+def _alerts(policy: CompiledPolicy, *, dev: bool) -> AlertDispatcher:
+    """The alert dispatcher, with the secrets it uses resolved from this process's environment.
+    serve: an unset variable refuses the start (exit 4). dev: it falls back to the stub (alerts are
+    printed on stderr), as dev stubs every provider it is not given."""
+    try:
+        config = AlertConfig.from_policy(policy, os.environ, dev=dev)
+    except MissingEnvironment as exc:
+        if not dev:
+            raise EngineStartError(str(exc)) from None
+        _log(f"{exc}; dev prints Slack alerts on stderr instead")
+        config = AlertConfig(None, dev=True)
+    return AlertDispatcher(config, log=_log)
+
+
+def _retention(policy: CompiledPolicy) -> float:
+    return float(policy.runtime.get("replay_retention", DEFAULT_REPLAY_RETENTION))
+
+
 def dev_server(policy: CompiledPolicy, stack_dir: Path, paths: StackPaths) -> EngineServer:
     socket_path = Path(str(policy.runtime.get("socket") or paths.dev_socket))
-    wal = Wal(MemoryStore(), ephemeral_signer(), clock=__import__("time").time)
+    memory = MemoryStore()
+    memory.retention_seconds = _retention(policy)
+    wal = Wal(memory, ephemeral_signer(), clock=__import__("time").time)
     state = EngineState(policy, hmac_key=os.urandom(32), dev=True)
     config = ServerConfig(
         sockets=[SocketSpec(socket_path, "dev", None, 0o600)],
@@ -79,7 +105,7 @@ def dev_server(policy: CompiledPolicy, stack_dir: Path, paths: StackPaths) -> En
         wal_description={"backend": "memory", "path": None, "sync": None},
         stack_dir=str(stack_dir),
     )
-    return EngineServer(policy, wal, state, config)
+    return EngineServer(policy, wal, state, config, alerts=_alerts(policy, dev=True))
 
 
 def load_installed_policy(path: Path, expected_version: str | None = None) -> CompiledPolicy:
@@ -109,6 +135,8 @@ def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = 
         sync = str(runtime.get("wal_sync", "full"))
         store = SqliteStore(wal_path, sync)
         wal_info = {"backend": "sqlite", "path": str(wal_path), "sync": sync}
+    store.retention_seconds = _retention(policy)
+    alerts = _alerts(policy, dev=False)
     ensure_private_dir(paths.state_dir, 0o700)
     signer = load_or_create_signer(paths.signing_key)
     wal = Wal(
@@ -134,7 +162,7 @@ def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = 
     def loader(version: str) -> CompiledPolicy:
         return load_installed_policy(source, version)
 
-    return EngineServer(policy, wal, state, config, policy_loader=loader)
+    return EngineServer(policy, wal, state, config, policy_loader=loader, alerts=alerts)
 
 
 def announce(server: EngineServer, out: IO[str] = sys.stderr) -> None:

@@ -18,12 +18,14 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
+from faramesh.engine.alerts import AlertConfig, AlertDispatcher
+from faramesh.engine.egress import EgressConfigError, validate_policy
 from faramesh.engine.pipeline import EngineState, Peer
 from faramesh.engine.policy.model import CompiledPolicy
 from faramesh.engine.protocol import (
@@ -87,7 +89,16 @@ class EngineServer:
         clock_ns: Callable[[], int] = time.perf_counter_ns,
         random_bytes: Callable[[int], bytes] = os.urandom,
         policy_loader: Callable[[str], CompiledPolicy] | None = None,
+        alerts: AlertDispatcher | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
+        """`alerts`: the dispatcher (default: one configured from the policy and `environ`, which is the
+        engine's own environment unless given; a secret it references but that is unset raises
+        MissingEnvironment, a ValueError, so the engine does not start)."""
+        self.environ = environ if environ is not None else os.environ
+        self.alerts = alerts or AlertDispatcher(
+            AlertConfig.from_policy(policy, self.environ, dev=config.dev), log=self._log
+        )
         self.policy = policy
         self.wal = wal
         self.state = state
@@ -136,6 +147,9 @@ class EngineServer:
             await self._close_sockets()
             return 1
         self.wal.start()
+        self.alerts.start()
+        for problem in self.alerts.check_policy(self.policy):
+            self._log(problem)
         try:
             activated = await self._record_policy_activation(
                 "start", self.policy.version, self.wal.meta.get("policy_version")
@@ -178,6 +192,7 @@ class EngineServer:
 
     def _initialise(self) -> None:
         """Open the WAL, verify from the last verified checkpoint, replay state, sign any unsigned tail."""
+        validate_policy(self.policy)  # an egress entry the engine cannot read refuses the start (ValueError)
         self.wal.open()
         head_seq = self.wal.seq
         start_seq, prev = 1, None
@@ -252,6 +267,7 @@ class EngineServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), 10)
         await self.wal.close()
+        await self.alerts.close()
         await self._close_sockets()
         self.lifecycle = HALT
         self._log("drained; HALT")
@@ -425,6 +441,11 @@ class EngineServer:
                 },
             }
         self._show(verdict.record)
+        agent = self.state.policy.agents.get(str(verdict.record.get("agent_id")))
+        if agent is not None and agent.alerts:
+            # After the commit and off the critical path: matched and queued on the loop's next turn, once
+            # this reply is on its way; enqueueing never waits (a full queue drops and counts).
+            asyncio.get_running_loop().call_soon(self.alerts.decision, agent, verdict.record, verdict.decision)
         return verdict.reply
 
     def _show(self, record: dict[str, Any]) -> None:
@@ -535,6 +556,8 @@ class EngineServer:
             approval.status, approval.approver, approval.reason, approval.resolved_at = "PENDING", None, None, None
             raise _VerbError("WAL_WRITE_FAILURE", "the resolution could not be recorded") from exc
         self._show(record)
+        if approve:
+            self.alerts.approval_resolved(self.state.policy.agents.get(approval.agent_id), record)
         return {"approval": approval.public(now)}
 
     async def _verb_reload(self, message: Message, peer: Peer) -> dict[str, Any]:
@@ -545,6 +568,11 @@ class EngineServer:
             policy = self.policy_loader(version)
         except Exception as exc:
             raise _VerbError("RELOAD_REFUSED", f"the running policy stays: {exc}") from None
+        try:
+            validate_policy(policy)
+            alert_config = AlertConfig.from_policy(policy, self.environ, dev=self.config.dev)
+        except (EgressConfigError, ValueError) as exc:
+            raise _VerbError("RELOAD_REFUSED", f"the running policy stays: {exc}") from None
         try:  # WAL-first: the change is on record before any call is decided under it
             activated = await self._record_policy_activation("reload", policy.version, self.policy.version)
         except StoreError as exc:
@@ -553,6 +581,9 @@ class EngineServer:
             ) from exc
         self.policy = policy
         self.state.policy = policy
+        self.alerts.configure(alert_config)
+        for problem in self.alerts.check_policy(policy):
+            self._log(problem)
         if activated is not None:
             self.applied_at = activated
         return {"policy_version": policy.version}
@@ -614,6 +645,7 @@ class EngineServer:
             "providers": [],
             "budgets": budgets,
             "approvals": {"pending": len(pending), "oldest_age_seconds": oldest},
+            "alerts": self.alerts.snapshot(),
         }
 
 

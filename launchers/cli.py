@@ -434,6 +434,89 @@ def serve(
     raise typer.Exit(serve_main(argv))
 
 
+@app.command()
+def supervise(dir: DirOpt = None) -> None:
+    """Run the root supervisor alone (what `apply` starts detached): launches, confines, restarts agents."""
+    from faramesh.supervisor.supervisor import main as supervise_main
+
+    raise typer.Exit(supervise_main(["--dir", str(dir)] if dir else []))
+
+
+@app.command()
+def apply(
+    dir: DirOpt = None,
+    foreground: Annotated[
+        bool, typer.Option("--foreground", help="Stay attached as the supervisor instead of detaching one.")
+    ] = False,
+    stop: Annotated[
+        bool, typer.Option("--stop", help="Stop the agents, the supervisor and the engine; remove sockets.")
+    ] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """As root: compile, install, start or hot-swap the engine, launch the sandboxed agents, lock the config."""
+    from faramesh.launchers import apply as apply_mod
+
+    stack = _stack_dir(dir)
+    if stop:
+        raise typer.Exit(apply_mod.stop(stack))
+    raise typer.Exit(apply_mod.apply(stack, foreground=foreground, registry=registry))
+
+
+@app.command()
+def unlock(dir: DirOpt = None) -> None:
+    """As root: clear the immutable flags `apply` set (the next `apply` locks again)."""
+    from faramesh.launchers import apply as apply_mod
+
+    raise typer.Exit(apply_mod.unlock(_stack_dir(dir)))
+
+
+@app.command()
+def logs(
+    engine: Annotated[bool, typer.Option("--engine", help="The engine's log (the default).")] = False,
+    supervisor: Annotated[bool, typer.Option("--supervisor", help="The supervisor's log.")] = False,
+    agent: Annotated[str | None, typer.Option("--agent", help="This agent's stdout/stderr.")] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing what is appended (Ctrl-C ends).")
+    ] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many last lines to print first.")] = 50,
+    dir: DirOpt = None,
+) -> None:
+    """Print (and with -f follow) the engine's, the supervisor's or an agent's log."""
+    import time
+
+    from faramesh.engine.runner import stack_paths
+    from faramesh.supervisor.layout import SupervisorFiles
+
+    if sum([engine, supervisor, agent is not None]) > 1:
+        _fail_usage("give one of --engine, --supervisor, --agent ID")
+    files = SupervisorFiles(stack_paths(_stack_dir(dir)))
+    path = files.supervisor_log if supervisor else files.agent_log(agent) if agent else files.engine_log
+    if agent is not None and ("/" in agent or agent.startswith(".")):
+        _fail_usage(f"bad agent id {agent!r}")
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - followed below
+    except OSError as exc:
+        sys.stderr.write(f"faramesh logs: {path}: {exc.strerror}\n")
+        raise typer.Exit(EXIT_FAILED) from None
+    with fh:
+        data = fh.read()
+        text = data.decode(errors="replace").splitlines(keepends=True)
+        sys.stdout.write("".join(text[-lines:] if lines > 0 else []))
+        sys.stdout.flush()
+        if not follow:
+            raise typer.Exit(EXIT_OK)
+        try:
+            while True:
+                chunk = fh.read()
+                if chunk:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.25)
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_OK) from None
+
+
 def _engine_request(stack: Path, message: dict[str, Any], socket_path: Path | None = None) -> dict[str, Any]:
     """One request to the running engine's operator (or dev) socket; exits 4 when none answers."""
     import socket as socketlib

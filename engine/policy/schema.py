@@ -52,6 +52,10 @@ RUNTIME: dict[str, Field] = {
     "approval_ttl": D,
     "signing_required": B,
     "call_cost": Field("money"),
+    # The Slack incoming-webhook URL for `alert { notify = "slack://#chan" }`: its path is the credential,
+    # so it is a secret (any literal is refused; env("…") compiles to a reference the engine resolves).
+    "slack_webhook_url": SECRET,
+    "replay_retention": D,  # how long the redacted args of each request are kept for replay (default 7d)
 }
 
 _COMMON_PROVIDER = {"type": Field("str", required=True), "timeout": D}

@@ -73,6 +73,7 @@ class Wal:
         # With `full`, the fdatasync must not block the loop, so it goes to the writer thread.
         self.commit_inline = commit_inline
         self._commits_since_maintenance = 0
+        self._maintenance_backlog = False  # the last maintenance left old request rows to delete
         self.store = store
         self.signer = signer
         self.clock = clock
@@ -169,7 +170,7 @@ class Wal:
                         return  # close() writes the shutdown checkpoint
                     if self.seq > self.signed_seq:
                         await self._commit_checkpoint_only(loop)
-                    if self._commits_since_maintenance:
+                    if self._commits_since_maintenance or self._maintenance_backlog:
                         await self._maintenance(loop)
                     continue
             taken, self._pending = self._pending, []
@@ -198,16 +199,22 @@ class Wal:
                 await self._maintenance(loop)
 
     async def _maintenance(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Store housekeeping (SQLite: fold the -wal file into the database) when idle or every
-        MAINTENANCE_EVERY commits, instead of at an arbitrary commit inside a decision's latency."""
+        """Store housekeeping (SQLite: delete request args past `replay_retention`, fold the -wal file
+        into the database) when idle or every MAINTENANCE_EVERY commits, instead of at an arbitrary
+        commit inside a decision's latency. Runs between commits (the committer awaits it), so it never
+        shares the writer connection with a commit. A backlog of old rows is worked off in bounded
+        steps, one per idle tick."""
         self._commits_since_maintenance = 0
+        self._maintenance_backlog = False
         maintenance = getattr(self.store, "maintenance", None)
         if maintenance is None:
             return
         try:
-            await loop.run_in_executor(self._executor, maintenance)
+            more = await loop.run_in_executor(self._executor, maintenance, self.clock())
         except Exception as exc:  # housekeeping failing is reported, never fatal to decisions
             self.last_error = f"WAL maintenance failed: {type(exc).__name__}: {exc}"
+            return
+        self._maintenance_backlog = bool(more)
 
     async def _commit_checkpoint_only(self, loop: asyncio.AbstractEventLoop) -> None:
         cp = self._checkpoint("periodic")

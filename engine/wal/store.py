@@ -14,6 +14,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 SCHEMA_VERSION = 1
+DEFAULT_REPLAY_RETENTION = 7 * 86400  # seconds the redacted args of a request are kept (runtime.replay_retention)
+RETENTION_BATCH = 500  # request rows deleted per transaction: short write locks beside the decisions
+RETENTION_MAX_BATCHES = 20  # per maintenance call; what is left is taken at the next one
+
+
+def retention_cutoff(now: float, retention_seconds: float) -> str:
+    """The RFC 3339 time (the records' fixed-width text form) before which request args are deleted."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(max(0.0, now - retention_seconds), UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class StoreError(Exception):
@@ -84,6 +94,7 @@ class MemoryStore:
         self._meta: dict[str, str] = {}
         self._lock = threading.Lock()
         self.fail_next_commit = False  # fault hook for tests
+        self.retention_seconds: float = DEFAULT_REPLAY_RETENTION
 
     def open(self) -> dict[str, str]:
         return dict(self._meta)
@@ -119,6 +130,20 @@ class MemoryStore:
 
     def request_args(self, seq: int) -> bytes | None:
         return self._args.get(seq)
+
+    def maintenance(self, now: float | None = None) -> bool:
+        """Drop request args older than the retention (DPRs stay). False: nothing is left to do."""
+        import time as _time
+
+        cutoff = retention_cutoff(_time.time() if now is None else now, self.retention_seconds)
+        with self._lock:
+            # _args is in seq order and _records[seq - 1] is seq: look at the oldest only, O(deleted).
+            while self._args:
+                seq = next(iter(self._args))
+                if not 0 < seq <= len(self._records) or self._records[seq - 1].time >= cutoff:
+                    break
+                del self._args[seq]
+        return False
 
     def close(self) -> None:
         pass
@@ -158,6 +183,7 @@ class SqliteStore:
         self._ro: sqlite3.Connection | None = None  # readers': never sees an open write transaction
         self._read_lock = threading.Lock()
         self.fault_hook: Any = None  # tests: called inside the transaction, may sleep or raise
+        self.retention_seconds: float = DEFAULT_REPLAY_RETENTION
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -242,14 +268,55 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"WAL commit failed: {exc}") from None
 
-    def maintenance(self) -> None:
-        """Fold the -wal file into the database without blocking readers (PASSIVE)."""
+    def maintenance(self, now: float | None = None) -> bool:
+        """Housekeeping on the writer's connection, between commits (never inside one):
+
+        1. retention: delete the `requests` rows (redacted args kept for replay) of records older than
+           `retention_seconds`, in transactions of RETENTION_BATCH rows (`secure_delete` zeroes the freed
+           pages), at most RETENTION_MAX_BATCHES per call. DPRs themselves are never deleted.
+        2. fold the -wal file into the database without blocking readers (PASSIVE).
+
+        Returns True when old rows are left for the next call."""
+        import time as _time
+
         conn = self._conn
-        if conn is not None:
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error as exc:
-                raise StoreError(f"WAL maintenance failed: {exc}") from None
+        if conn is None:
+            return False
+        more = False
+        try:
+            cutoff = retention_cutoff(_time.time() if now is None else now, self.retention_seconds)
+            # O(log n) through the time index, however many old records (never deleted) there are.
+            row = conn.execute(
+                "SELECT seq FROM records WHERE time < ? ORDER BY time DESC LIMIT 1", (cutoff,)
+            ).fetchone()
+            last_old = row[0] if row else None
+            if (
+                last_old is not None
+                and conn.execute("SELECT 1 FROM requests WHERE seq <= ? LIMIT 1", (last_old,)).fetchone()
+            ):
+                conn.execute("PRAGMA secure_delete=ON")
+                for _ in range(RETENTION_MAX_BATCHES):
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        deleted = conn.execute(
+                            "DELETE FROM requests WHERE seq IN (SELECT q.seq FROM requests q "
+                            "JOIN records r ON r.seq = q.seq WHERE q.seq <= ? AND r.time < ? "
+                            "ORDER BY q.seq LIMIT ?)",
+                            (last_old, cutoff, RETENTION_BATCH),
+                        ).rowcount
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                        raise
+                    if deleted < RETENTION_BATCH:
+                        break
+                else:
+                    more = True
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            raise StoreError(f"WAL maintenance failed: {exc}") from None
+        return more
 
     def _reader(self) -> sqlite3.Connection:
         assert self._ro is not None
