@@ -319,8 +319,9 @@ class AlertDispatcher:
 
     # ---- events (called on the loop after the record committed; O(alert blocks), never blocks)
     def decision(self, agent: Any, record: Mapping[str, Any], decision: Any) -> None:
-        alerts = getattr(agent, "alerts", None)
-        if not alerts:
+        alerts = getattr(agent, "alerts", None) or ()
+        rule_notify = getattr(decision, "notify", None)  # `notify "#chan"` on the rule that decided
+        if not alerts and not rule_notify:
             return
         try:
             events = decision_events(record, decision)
@@ -328,6 +329,8 @@ class AlertDispatcher:
                 on = alert.get("on")
                 if on in events:
                     self._enqueue(str(alert.get("notify", "")), alert_body(record, str(on)))
+            if rule_notify:
+                self._enqueue(str(rule_notify), alert_body(record, str(record.get("policy_effect", "")).lower()))
         except Exception as exc:  # a defect here must never turn a committed decision into an error reply
             self._defect(exc)
 

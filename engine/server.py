@@ -442,7 +442,7 @@ class EngineServer:
             }
         self._show(verdict.record)
         agent = self.state.policy.agents.get(str(verdict.record.get("agent_id")))
-        if agent is not None and agent.alerts:
+        if agent is not None and (agent.alerts or getattr(verdict.decision, "notify", None)):
             # After the commit and off the critical path: matched and queued on the loop's next turn, once
             # this reply is on its way; enqueueing never waits (a full queue drops and counts).
             asyncio.get_running_loop().call_soon(self.alerts.decision, agent, verdict.record, verdict.decision)

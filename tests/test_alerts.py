@@ -175,6 +175,31 @@ def test_a_deny_alert_reaches_the_receiver_with_the_decisions_facts_and_no_args(
         eng.stop()
 
 
+def test_a_rules_own_notify_fires_when_that_rule_decides(tmp: Path, receiver: Receiver) -> None:
+    """`defer refund if … notify "<target>"` (the registry's form) alerts its target when it decides."""
+    policy = f"""\
+agent "bot" {{
+  default deny
+  rules {{
+    permit search
+    defer refund if amount < $500 notify "{receiver.url}"
+  }}
+}}
+"""
+    eng = start_engine(tmp, policy)
+    try:
+        with eng.conn("bot") as bot:
+            assert bot.call(govern("search", {"q": "x"}))["effect"] == "PERMIT"
+            deferred = bot.call(govern("refund", {"amount": 100}))
+        assert deferred["effect"] == "DEFER"
+        (got,) = receiver.wait_for(1)
+        time.sleep(0.2)
+        assert len(receiver.requests) == 1  # the permit's rule has no notify
+        assert got["body"]["event"] == "defer" and got["body"]["action_id"] == deferred["action_id"]
+    finally:
+        eng.stop()
+
+
 def test_a_target_failing_twice_gets_three_attempts(tmp: Path) -> None:
     flaky = Receiver(statuses=[500, 500, 200])
     try:
