@@ -7,6 +7,8 @@ SQLite WAL at both sync levels, `audit verify` speed).
     .venv/bin/python bench/run.py --profile    # also cProfile Faramesh (seed, 1,000 rules)
     .venv/bin/python bench/run.py --no-engine  # the decision-latency table only
     .venv/bin/python bench/run.py --engine-only
+    .venv/bin/python bench/run.py --launch-only  # sandbox launch latency only (bench/launch_bench.py)
+    .venv/bin/python bench/run.py --no-launch    # skip the sandbox launch section
 
 What is timed, per call, with time.perf_counter_ns:
 - Faramesh: `evaluate(policy, request)` from the request dict as the wire decoder yields it to a
@@ -373,15 +375,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-engine", action="store_true", help="skip the end-to-end engine section")
     ap.add_argument("--engine-only", action="store_true", help="only the end-to-end engine section")
+    ap.add_argument("--launch-only", action="store_true", help="only the sandbox launch-latency section")
+    ap.add_argument("--no-launch", action="store_true", help="skip the sandbox launch-latency section")
     opts = ap.parse_args(argv)
-    engine_ok = True
+    engine_ok = launch_ok = True
+    if opts.launch_only:
+        return launch_section(opts.quick)
     if opts.engine_only:
         return engine_section(opts.quick)
     rc = decision_section(opts)
     if not opts.no_engine:
         print()
         engine_ok = engine_section(opts.quick) == 0
-    return rc or (0 if engine_ok else 1)
+    if not opts.no_launch:
+        print()
+        launch_ok = launch_section(opts.quick) == 0
+    return rc or (0 if engine_ok and launch_ok else 1)
+
+
+def launch_section(quick: bool) -> int:
+    from launch_bench import run_all as run_launch
+
+    text, ok = run_launch(quick)
+    print(text, flush=True)
+    return 0 if ok else 1
 
 
 def engine_section(quick: bool) -> int:
