@@ -50,8 +50,8 @@ PYTHON = "/usr/bin/python3"
 VENV_PY = str(REPO / ".venv" / "bin" / "python")
 # Must stay equal to supervisor/layout.py BOOT (checked below when that module imports).
 BOOT = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); import runpy; "
-    "runpy.run_module('faramesh.launchers.agent_exec', run_name='__main__', alter_sys=True)"
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from faramesh.launchers.agent_exec import run; run()"
 )
 AGENT_UID = 65210
 AGENT_ID = "bench-launch"

@@ -17,7 +17,9 @@ MAX_FRAME = 1024 * 1024
 MAX_ID_LEN = 256
 
 AGENT_VERBS = frozenset({"govern", "poll_defer", "complete", "status"})
-OPERATOR_VERBS = frozenset({"approvals_list", "approve", "deny", "reload", "shutdown"})
+OPERATOR_VERBS = frozenset({"approvals_list", "approve", "deny", "reload", "shutdown", "config_event"})
+CONFIG_EVENTS = frozenset({"config_unlocked", "config_locked"})
+MAX_CONFIG_PATHS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,24 @@ def decode(line: bytes) -> Message:
         _str(fields, "action_id", required=True, rpc_id=rpc_id, rpc=rpc)
         if type(fields.get("usage", {})) is not dict:
             raise ProtocolError("INVALID_REQUEST", "`usage` must be an object", rpc_id, rpc)
+    elif verb == "config_event":
+        if fields.get("event") not in CONFIG_EVENTS:
+            raise ProtocolError(
+                "INVALID_REQUEST", f"`event` must be one of {', '.join(sorted(CONFIG_EVENTS))}", rpc_id, rpc
+            )
+        _str(fields, "by", required=False, rpc_id=rpc_id, rpc=rpc)
+        paths = fields.get("paths", [])
+        if (
+            type(paths) is not list
+            or len(paths) > MAX_CONFIG_PATHS
+            or any(type(p) is not str or not p or len(p) > 4096 for p in paths)
+        ):
+            raise ProtocolError(
+                "INVALID_REQUEST",
+                f"`paths` must be a list of at most {MAX_CONFIG_PATHS} non-empty strings",
+                rpc_id,
+                rpc,
+            )
     elif verb in ("approve", "deny"):
         _str(fields, "approval_id", required=True, rpc_id=rpc_id, rpc=rpc)
         _str(fields, "reason", required=False, rpc_id=rpc_id, rpc=rpc, limit=4096)

@@ -588,6 +588,29 @@ class EngineServer:
             self.applied_at = activated
         return {"policy_version": policy.version}
 
+    async def _verb_config_event(self, message: Message, peer: Peer) -> dict[str, Any]:
+        """`faramesh unlock` / `apply` tell the engine the stack's config was unlocked or locked: a DPR on
+        the chain, so `audit` shows who lifted the immutable flags and when (operator socket only)."""
+        now, record_id, timestamp = self._ids()
+        by = message.fields.get("by")
+        record = {
+            "id": record_id,
+            "time": timestamp,
+            "epoch_ms": int(now * 1000),
+            "action_type": message.fields["event"],
+            "paths": list(message.fields.get("paths") or []),
+            "policy_version": self.policy.version,
+            "by": f"uid:{peer.uid}" + (f" ({by})" if isinstance(by, str) and by else ""),
+            "identity": {"method": "socket", "role": peer.role, "peer_uid": peer.uid, "peer_pid": peer.pid},
+            "dev": self.state.dev,
+        }
+        try:
+            await self.wal.append(record)
+        except StoreError as exc:
+            raise _VerbError("WAL_WRITE_FAILURE", f"the {message.fields['event']} event could not be recorded") from exc
+        self._show(record)
+        return {"id": record_id, "action_type": record["action_type"], "policy_version": self.policy.version}
+
     async def _verb_shutdown(self, message: Message, peer: Peer) -> dict[str, Any]:
         asyncio.get_running_loop().call_soon(self._stop.set)
         return {"state": DRAINING}

@@ -78,5 +78,21 @@ def main(args: list[str] | None = None) -> int:
         return EXIT_REFUSED
 
 
+def run() -> None:
+    """BOOT's entry: main(), then _exit with its status once stdio is flushed. The launcher has nothing
+    left to clean up (C2 is reaped, every fd is the kernel's to close), so interpreter finalisation (module
+    teardown, GC) would only add to every launch."""
+    try:
+        code = main()
+    except SystemExit as e:  # pragma: no cover - main() returns its status
+        code = e.code if isinstance(e.code, int) else 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -165,7 +165,67 @@ def _unlock_for_write(stack: Path) -> None:
                 immutable.clear_immutable(str(path))
 
 
-def apply(stack: Path, *, foreground: bool = False, registry: Path | None = None) -> int:
+def uid_report(stack: Path, registry: Path | None = None) -> tuple[list[str], list[str]]:
+    """(lines describing the host uids engine and agents would run as, problems preventing separation)."""
+    from faramesh.engine.policy.stack import compile_stack
+    from faramesh.supervisor.supervisor import uid_squatters
+
+    policy = compile_stack(stack, registry=registry).policy
+    plans = plan_agents(stack, policy, stack_paths(stack))
+    engine_uid = os.geteuid()  # `apply` starts the engine as the invoking user (no `faramesh` user switch yet)
+    lines = [f"engine    uid {engine_uid}"]
+    problems = []
+    if os.geteuid() != 0:
+        problems.append(
+            f"unprivileged: agents would run as the invoking uid {engine_uid} (mapped to 1000 inside):"
+            " no uid separation"
+        )
+    seen: dict[int, str] = {}
+    state = read_state(SupervisorFiles(stack_paths(stack))) or {}
+    ours = {int(a["pid"]) for a in state.get("agents", {}).values() if a.get("pid")}  # our own C1s
+    for plan in plans:
+        uid = plan.uid if os.geteuid() == 0 else engine_uid
+        lines.append(f'agent     "{plan.agent_id}": uid {uid}, gid {uid}')
+        if os.geteuid() != 0:
+            continue
+        if uid in (0, 65534, engine_uid):
+            problems.append(f'agent "{plan.agent_id}": uid {uid} is reserved')
+        if uid in seen:
+            problems.append(f'agents "{seen[uid]}" and "{plan.agent_id}" share uid {uid}')
+        seen[uid] = plan.agent_id
+        squat = uid_squatters(uid, ours)
+        if squat:
+            problems.append(f'agent "{plan.agent_id}": uid {uid} is used outside a sandbox by pid {squat}')
+    return lines, problems
+
+
+def check_uid(stack: Path, registry: Path | None = None) -> int:
+    """`apply --check-uid`: report only; exit 0 when uid separation is possible, 4 when not."""
+    from faramesh.engine.policy.errors import FarameshError
+
+    try:
+        lines, problems = uid_report(Path(os.path.realpath(stack)), registry)
+    except FarameshError as err:
+        sys.stderr.write(f"error: {err.message}\n")
+        return int(err.exit_code)
+    except ValueError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    for line in lines:
+        _say(line)
+    for problem in problems:
+        _say(f"problem   {problem}")
+    _say("uid separation: " + ("possible" if not problems else "NOT possible"))
+    return EXIT_OK if not problems else EXIT_RUNTIME
+
+
+def apply(
+    stack: Path,
+    *,
+    foreground: bool = False,
+    registry: Path | None = None,
+    require_uid_separation: bool = False,
+) -> int:
     from faramesh.engine.policy.errors import FarameshError
     from faramesh.engine.policy.stack import compile_stack
     from faramesh.engine.server import ensure_private_dir
@@ -173,6 +233,9 @@ def apply(stack: Path, *, foreground: bool = False, registry: Path | None = None
     from faramesh.supervisor.supervisor import install_agent_specs, start_engine, start_supervisor
 
     if os.geteuid() != 0:
+        if require_uid_separation:
+            _err("--require-uid-separation: unprivileged, agents would share the invoking uid; refusing")
+            return EXIT_RUNTIME
         _err("needs root (it launches agents under their own uids); use `faramesh dev` unprivileged")
         return EXIT_RUNTIME
     stack = Path(os.path.realpath(stack))
@@ -185,6 +248,14 @@ def apply(stack: Path, *, foreground: bool = False, registry: Path | None = None
     policy = compiled.policy
     version = policy.version
     paths = stack_paths(stack)
+    if require_uid_separation:
+        try:
+            _, problems = uid_report(stack, registry)
+        except ValueError as exc:
+            problems = [str(exc)]
+        if problems:
+            _err("--require-uid-separation: " + "; ".join(problems) + "; nothing changed")
+            return EXIT_RUNTIME
     files = SupervisorFiles(paths)
     try:
         plans = plan_agents(stack, policy, paths)
@@ -295,11 +366,15 @@ def _await_agents(paths: StackPaths, files: SupervisorFiles, plans: list[AgentPl
         bad = [
             a
             for a in plans
-            if agents.get(a.agent_id, {}).get("state") in ("backoff", "FATAL")
+            if agents.get(a.agent_id, {}).get("state") in ("BACKOFF", "FATAL")
             or agents.get(a.agent_id, {}).get("restarts", 0)
         ]
         if bad:
             for plan in bad:
+                reason = agents.get(plan.agent_id, {}).get("reason")
+                if reason and not agents.get(plan.agent_id, {}).get("restarts", 0):
+                    _err(f'agent "{plan.agent_id}" was not launched: {reason}')
+                    continue
                 _err(
                     f'agent "{plan.agent_id}" died right after its start; last lines of '
                     f"{files.agent_log(plan.agent_id)}:\n{tail(files.agent_log(plan.agent_id))}"
@@ -311,7 +386,7 @@ def _await_agents(paths: StackPaths, files: SupervisorFiles, plans: list[AgentPl
         if state is not None and lock_holder(files.lock_file) is None:
             _err(f"the supervisor died; last lines of {files.supervisor_log}:\n{tail(files.supervisor_log)}")
             return False
-        running = all(agents.get(a.agent_id, {}).get("state") == "running" for a in plans)
+        running = all(agents.get(a.agent_id, {}).get("state") == "RUNNING" for a in plans)
         now = time.monotonic()
         if running and settle_until is None:
             settle_until = now + SETTLE_SECONDS
@@ -448,5 +523,5 @@ def unlock(stack: Path) -> int:
         _say(f"config unlocked since {when}: {', '.join(cleared)}")
     else:
         _say("config was not locked")
-    # No engine verb records `config_unlocked` yet: the xattrs above are the record for now.
+    # `faramesh unlock` (launchers/cli.py) then records `config_unlocked` through the engine's `config_event`.
     return EXIT_OK

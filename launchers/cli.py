@@ -451,6 +451,13 @@ def apply(
     stop: Annotated[
         bool, typer.Option("--stop", help="Stop the agents, the supervisor and the engine; remove sockets.")
     ] = False,
+    check_uid: Annotated[
+        bool,
+        typer.Option("--check-uid", help="Report the host uids engine and agents would run as (4: no separation)."),
+    ] = False,
+    require_uid_separation: Annotated[
+        bool, typer.Option("--require-uid-separation", help="Refuse unless every agent gets its own host uid.")
+    ] = False,
     registry: RegistryOpt = None,
 ) -> None:
     """As root: compile, install, start or hot-swap the engine, launch the sandboxed agents, lock the config."""
@@ -459,15 +466,55 @@ def apply(
     stack = _stack_dir(dir)
     if stop:
         raise typer.Exit(apply_mod.stop(stack))
-    raise typer.Exit(apply_mod.apply(stack, foreground=foreground, registry=registry))
+    if check_uid:
+        raise typer.Exit(apply_mod.check_uid(stack, registry=registry))
+    raise typer.Exit(
+        apply_mod.apply(stack, foreground=foreground, registry=registry, require_uid_separation=require_uid_separation)
+    )
 
 
 @app.command()
 def unlock(dir: DirOpt = None) -> None:
-    """As root: clear the immutable flags `apply` set (the next `apply` locks again)."""
-    from faramesh.launchers import apply as apply_mod
+    """As root: clear the immutable flags `apply` set (the next `apply` locks again) and record a
+    `config_unlocked` DPR through the running engine.
 
-    raise typer.Exit(apply_mod.unlock(_stack_dir(dir)))
+    Exit 0: unlocked (or nothing was locked), and recorded — or the engine is not running, so there is
+    nothing to record it on (said on stderr; the trusted xattrs keep the time). Exit 4: not root, a flag
+    could not be cleared, or the engine is running but refused to record the event (the flags are
+    cleared all the same)."""
+    from faramesh.engine.paths import stack_paths
+    from faramesh.launchers import apply as apply_mod
+    from faramesh.sandbox import immutable
+    from faramesh.sandbox.errors import SandboxError
+
+    stack = Path(os.path.realpath(_stack_dir(dir)))
+    locked: list[str] = []
+    for path in apply_mod.lock_targets(stack):
+        try:
+            if path.exists() and immutable.is_set(str(path)):
+                locked.append(str(path))
+        except (SandboxError, OSError):
+            continue
+    rc = apply_mod.unlock(stack)
+    if rc != EXIT_OK or not locked:
+        raise typer.Exit(rc)
+    user = os.environ.get("SUDO_USER") or os.environ.get("USER") or ""
+    event: dict[str, Any] = {"type": "config_event", "event": "config_unlocked", "paths": locked}
+    if user:
+        event["by"] = user[:256]
+    reply = apply_mod.engine_request(stack_paths(stack), event)
+    if reply is None:
+        sys.stderr.write(
+            "faramesh unlock: the engine is not running: `config_unlocked` could not be recorded in the audit log "
+            "(the unlock time is kept in the files' trusted xattrs)\n"
+        )
+        raise typer.Exit(EXIT_OK)
+    if "error" in reply:
+        why = reply["error"].get("message", reply["error"]) if isinstance(reply["error"], dict) else reply["error"]
+        sys.stderr.write(f"faramesh unlock: the config is unlocked, but the engine did not record it: {why}\n")
+        raise typer.Exit(EXIT_RUNTIME)
+    sys.stdout.write(f"recorded config_unlocked (DPR {reply.get('id')})\n")
+    raise typer.Exit(EXIT_OK)
 
 
 @app.command()
@@ -571,7 +618,8 @@ def status(
         typer.Option("--watch", help="Redraw every second until Ctrl-C (json: one object per line); exits 0."),
     ] = False,
 ) -> None:
-    """Engine state, policy, WAL, budgets and approvals. Exit 0 READY, 2 initialising, 3 degraded, 4 down."""
+    """Engine, supervisor and agents, config lock, policy, WAL, budgets, approvals. Exit 0 READY, 2
+    initialising, 3 degraded (also: supervisor dead, an agent FATAL or refused), 4 down."""
     stack = _stack_dir(dir)
     if not watch:
         raise typer.Exit(_status_once(stack, socket, format))
@@ -612,6 +660,12 @@ def _status_once(stack: Path, socket: Path | None, format: Format, *, compact: b
             sys.stdout.write(f"engine: {reply['error'].get('message')}\n")
         return EXIT_IMPORT if code == "DAEMON_NOT_READY" else EXIT_RUNTIME
     daemon = reply["daemon"]
+    sup = _supervisor_status(stack)
+    config = _config_status(stack)
+    if sup is not None:
+        reply["supervisor"] = sup
+    if config is not None:
+        reply["config"] = config
     if format is Format.json:
         emit(reply)
     else:
@@ -636,9 +690,98 @@ def _status_once(stack: Path, socket: Path | None, format: Format, *, compact: b
                 f"alerts    {alerts['sent']} sent, {alerts['failed']} failed, {alerts['dropped']} dropped, "
                 f"{alerts['queued']} queued\n"
             )
+        if sup is not None:
+            if sup["alive"]:
+                sys.stdout.write(f"supervisor running  pid {sup['pid']}  zygote {sup.get('zygote_pid')}\n")
+            else:
+                sys.stdout.write(f"supervisor DEAD (degraded: last pid {sup['pid']}; agents are not supervised)\n")
+            for a in sup["agents"]:
+                why = f"  ({a['reason']})" if a.get("reason") else ""
+                sys.stdout.write(
+                    f"agent     {a['id']}: {a['state']}  pid {a['pid']}  uid {a['uid']}  restarts {a['restarts']}"
+                    f"  last exit {a['last_exit']}{why}\n"
+                )
+        if config is not None:
+            sys.stdout.write(f"config    {config['summary']}\n")
     if daemon["state"] != "READY":
         return EXIT_IMPORT
-    return EXIT_WARN if daemon["degraded"] else EXIT_OK
+    troubled = sup is not None and (
+        not sup["alive"] or any(a["state"] == "FATAL" or a.get("reason") for a in sup["agents"])
+    )
+    return EXIT_WARN if daemon["degraded"] or troubled else EXIT_OK
+
+
+def _supervisor_status(stack: Path) -> dict[str, Any] | None:
+    """The supervisor of an applied stack (None when none was ever started here, e.g. `faramesh dev`):
+    alive by its flock, agents from its state file (a dead supervisor's last word)."""
+    from faramesh.engine.runner import stack_paths
+    from faramesh.supervisor.layout import SupervisorFiles, lock_holder, read_state
+
+    files = SupervisorFiles(stack_paths(stack))
+    holder = lock_holder(files.lock_file)
+    state = read_state(files)
+    if holder is None and state is None and not files.pid_file.exists() and not files.lock_file.exists():
+        return None
+    pid: int | None = holder
+    if pid is None:
+        try:
+            pid = int(files.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            pid = (state or {}).get("pid")
+    agents = []
+    for agent_id, info in sorted(((state or {}).get("agents") or {}).items()):
+        agents.append(
+            {
+                "id": agent_id,
+                "pid": info.get("pid") if holder is not None else None,
+                "state": str(info.get("state", "UNKNOWN")).upper() if holder is not None else "UNSUPERVISED",
+                "restarts": info.get("restarts", 0),
+                "last_exit": info.get("last_exit"),
+                "uid": info.get("uid"),
+                "reason": info.get("reason"),
+            }
+        )
+    return {
+        "pid": pid,
+        "alive": holder is not None,
+        "zygote_pid": (state or {}).get("zygote_pid") if holder is not None else None,
+        "agents": agents,
+    }
+
+
+def _config_status(stack: Path) -> dict[str, Any] | None:
+    """`locked (version …)` / `unlocked since …` from governance.fms' immutable flag and trusted xattrs,
+    when the applied policy sets `immutable_config`."""
+    try:
+        applied = json.loads((stack / ".faramesh" / "policy.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(applied, dict) or not (applied.get("runtime") or {}).get("immutable_config"):
+        return None
+    from faramesh.sandbox import immutable
+    from faramesh.sandbox.errors import SandboxError
+
+    target = stack / "governance.fms"
+    try:
+        st = immutable.state(str(target))
+    except (SandboxError, OSError) as exc:
+        return {"path": str(target), "locked": None, "summary": f"unknown ({exc})"}
+    lock = str(st.get("lock") or "")
+    version = st.get("version")
+    if st.get("immutable"):
+        summary = f"locked (version {str(version or '?')[:16]})"
+    elif lock.startswith("unlocked "):
+        summary = f"unlocked since {lock.removeprefix('unlocked ')}"
+    else:
+        summary = "not locked"
+    return {
+        "path": str(target),
+        "locked": bool(st.get("immutable")),
+        "version": version,
+        "lock": lock or None,
+        "unlocked_since": lock.removeprefix("unlocked ") if lock.startswith("unlocked ") else None,
+        "summary": summary,
+    }
 
 
 approvals_app = typer.Typer(

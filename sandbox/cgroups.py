@@ -55,9 +55,14 @@ def apply_rlimits(rlimits: Iterable[tuple[str, int, int]]) -> dict[str, tuple[in
 
 def set_oom_score_adj(value: int = 1000) -> None:
     """The agent is the first thing the OOM killer takes (raising it needs no privilege)."""
+    # os.open/os.write: open() in text mode would import the ascii codec and build a TextIOWrapper
+    # (≈1 ms per launch for a 4-byte write).
     try:
-        with open("/proc/self/oom_score_adj", "w", encoding="ascii") as f:
-            f.write(str(value))
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(value).encode("ascii"))
+        finally:
+            os.close(fd)
     except OSError as e:
         raise CgroupError("writing /proc/self/oom_score_adj", errno=e.errno) from None
 

@@ -18,23 +18,31 @@ Out of scope here (reported as "not applied"): the egress listener hand-off of S
 supervisor), a pty relay (the agent gets no controlling terminal: C2 calls setsid), and the
 user-notification violation filter.
 
-Per-launch imports: os, sys, ctypes, struct, json, errno, signal and the sandbox modules (all imported
-here, before S5 hides the host tree: nothing may be imported lazily once the root has changed).
+Per-launch imports: os, ctypes, struct, errno, stat, _signal, _json and the sandbox modules (all imported
+here, before S5 hides the host tree: nothing may be imported lazily once the root has changed). The
+heavier modules (json, base64, contextlib, the enum-based signal) stay off the launch path:
+`json` only for spec_to_json at `apply` and for a spec the fast `_json` scanner rejects (error path, in
+C1 before any step), and the C2 → C1 status pipe carries length-prefixed `marshal` records.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
+import _signal as signal  # type: ignore[import-not-found]  # the C module: `signal` itself imports enum (≈4 ms per launch)
+import binascii
 import errno
-import json
+import marshal
 import os
-import signal
 import stat
 
 from faramesh.sandbox import caps, cgroups, credentials, errors, landlock, mounts, namespaces, seccomp
 from faramesh.sandbox.errors import SandboxError
-from faramesh.sandbox.spec import SandboxSpec
+from faramesh.sandbox.spec import FIELD_NAMES, SandboxSpec
+
+try:
+    from _json import make_scanner as _c_make_scanner
+except ImportError:  # pragma: no cover - CPython always has _json
+    _c_make_scanner = None  # type: ignore[misc,assignment]
+_make_scanner: Any = _c_make_scanner
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -45,11 +53,7 @@ if TYPE_CHECKING:
 SETUP_FAILED = 125
 EXEC_FAILED = 127
 
-_SPEC_FIELDS = (
-    "profile", "agent_id", "host_uid", "host_gid", "workspace", "stack_dir", "read_only_paths", "hidden_paths",
-    "env_allow", "env_deny_globs", "rlimits", "cgroup_pids_max", "cgroup_memory_max", "egress_port", "keep_fds",
-    "socket_dir", "home", "hostname", "inside_uid", "inside_gid",
-)
+_SPEC_FIELDS = tuple(name for name in FIELD_NAMES if name != "seccomp_bpf")
 
 
 class LayoutError(SandboxError):
@@ -62,15 +66,52 @@ class LayoutError(SandboxError):
 
 def spec_to_json(spec: SandboxSpec) -> str:
     """The spec as JSON; the BPF base64-encoded under `seccomp_bpf_b64`."""
+    import json  # apply time only
+
     d: dict[str, Any] = {name: getattr(spec, name) for name in _SPEC_FIELDS}
-    d["seccomp_bpf_b64"] = base64.b64encode(spec.seccomp_bpf).decode("ascii")
+    d["seccomp_bpf_b64"] = binascii.b2a_base64(spec.seccomp_bpf, newline=False).decode("ascii")
     return json.dumps(d, sort_keys=True)
+
+
+class _ScanContext:
+    """What json.decoder.JSONDecoder hands _json.make_scanner, with json.loads' defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant: Any = None  # set below (json's: -Infinity, Infinity, NaN)
+
+
+_ScanContext.parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
+_JSON_WS = " \t\n\r"
+
+
+def _loads(text: str | bytes) -> object:
+    """json.loads without importing json (which imports re): the C scanner json.loads itself uses.
+
+    Anything the fast path does not take as-is (non-UTF-8 bytes, a BOM, trailing data, a syntax error)
+    goes to the real json.loads, which accepts or rejects it with its own message."""
+    if _make_scanner is not None:
+        try:
+            s = text.decode("utf-8") if isinstance(text, (bytes, bytearray)) else text
+            if isinstance(s, str) and not s.startswith("\ufeff"):
+                start = len(s) - len(s.lstrip(_JSON_WS))
+                obj, end = _make_scanner(_ScanContext)(s, start)
+                if not s[end:].strip(_JSON_WS):
+                    return obj
+        except (ValueError, StopIteration):
+            pass
+    import json  # the error path (or a spec in UTF-16/32): json decides
+
+    return json.loads(text)
 
 
 def spec_from_json(text: str | bytes) -> SandboxSpec:
     """Inverse of spec_to_json; validates through SandboxSpec (unknown fields → SpecError)."""
     try:
-        d = json.loads(text)
+        d = _loads(text)
     except ValueError as e:
         raise errors.SpecError(f"spec is not JSON: {e}") from None
     if not isinstance(d, dict):
@@ -88,9 +129,12 @@ def spec_from_json(text: str | bytes) -> SandboxSpec:
         elif name == "rlimits":
             value = tuple(tuple(r) for r in value)
         kw[name] = value
+    b64 = d.get("seccomp_bpf_b64", "")
     try:
-        kw["seccomp_bpf"] = base64.b64decode(d.get("seccomp_bpf_b64", ""), validate=True)
-    except ValueError:
+        # strict_mode: only the base64 alphabet with correct padding (base64.b64decode(validate=True)
+        # without importing base64 and re).
+        kw["seccomp_bpf"] = binascii.a2b_base64(b64, strict_mode=True) if b64 else b""
+    except (ValueError, TypeError):
         raise errors.SpecError("seccomp_bpf_b64 is not base64") from None
     try:
         return SandboxSpec(**kw)
@@ -102,7 +146,7 @@ def build_spec(profile: str, agent_id: str, host_uid: int, host_gid: int, worksp
                **kw: Any) -> SandboxSpec:
     """Build a spec at `apply` time, compiling the profile's seccomp BPF (pyseccomp, not per launch)."""
     bpf = seccomp.build_filter(profile) if profile != "off" else b""
-    return SandboxSpec(profile=profile, agent_id=agent_id, host_uid=host_uid,  # type: ignore[arg-type]
+    return SandboxSpec(profile=profile, agent_id=agent_id, host_uid=host_uid,
                        host_gid=host_gid, workspace=workspace, stack_dir=stack_dir, seccomp_bpf=bpf, **kw)
 
 
@@ -149,6 +193,12 @@ def _write_all(fd: int, data: bytes) -> None:
         except InterruptedError:
             continue
         data = data[n:]
+
+
+def _send(fd: int, msg: dict[str, Any]) -> None:
+    """One status record C2 → C1: a 4-byte length, then the marshalled dict (str/int/list/None only)."""
+    data = marshal.dumps(msg)
+    _write_all(fd, len(data).to_bytes(4, "little") + data)
 
 
 # --- R2 ------------------------------------------------------------------------------------------------
@@ -272,29 +322,29 @@ def _c2(spec: SandboxSpec, argv: Sequence[str], env: dict[str, str], rules: Mapp
 
 
 def _fork_c3_and_wait(argv: Sequence[str], env: dict[str, str], status_w: int, info: dict[str, Any]) -> int:
-    _write_all(status_w, (json.dumps({"info": info}) + "\n").encode())
+    _send(status_w, {"info": info})
     # Signals that arrive before C3 exists are held back, then forwarded once it does.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARD)
-    c3 = os.fork()
-    if c3 == 0:
-        try:
-            # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive execve, so reset them.
-            for s in (*_FORWARD, signal.SIGPIPE, signal.SIGXFSZ):
-                signal.signal(s, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARD)
-            os.setpgid(0, 0)
-            os.execve(argv[0] if "/" in argv[0] else _which(argv[0], env), list(argv), env)
-        except OSError as e:
-            try:
-                _write_all(status_w, (json.dumps({"exec_error": [e.errno, argv[0]]}) + "\n").encode())
-            finally:
-                os._exit(EXEC_FAILED)
-        except BaseException:
-            os._exit(EXEC_FAILED)
-    with contextlib.suppress(OSError):  # C3 already exec'd (EACCES) or set it itself
-        os.setpgid(c3, c3)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARD)
+    # C3 by posix_spawn (clone(CLONE_VM|CLONE_VFORK) + execve: no copy of this Python process), with
+    # what the fork+exec child did by hand: its own process group (setpgid(0, 0) before exec, so no
+    # window where a signal to the group misses it), default dispositions for the forwarded signals and
+    # for SIGPIPE/SIGXFSZ (Python ignores those, and ignored dispositions survive execve), and the
+    # signal mask C2 had before the block above. An exec failure comes back here as OSError.
+    try:
+        path = argv[0] if "/" in argv[0] else _which(argv[0], env)
+        c3 = os.posix_spawn(path, list(argv), env, setpgroup=0, resetids=True,
+                            setsigdef=(*_FORWARD, signal.SIGPIPE, signal.SIGXFSZ),
+                            setsigmask=set(old_mask) - set(_FORWARD))
+    except OSError as e:
+        try:  # noqa: SIM105 (no contextlib on the launch path)
+            _send(status_w, {"exec_error": [e.errno, argv[0]]})
+        except OSError:
+            pass
+        os.close(status_w)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        return EXEC_FAILED
     _forward_to(c3, group=True)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARD)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     os.close(status_w)
     # Reap everything (we are init); return when C3 is gone. The kernel kills the rest when PID 1 exits.
     while True:
@@ -339,7 +389,22 @@ def _read_status(fd: int) -> list[dict[str, Any]]:
             break
         chunks.append(data)
     os.close(fd)
-    return [json.loads(line) for line in b"".join(chunks).splitlines() if line.strip()]
+    buf = b"".join(chunks)
+    msgs: list[dict[str, Any]] = []
+    i = 0
+    while i + 4 <= len(buf):
+        n = int.from_bytes(buf[i:i + 4], "little")
+        record = buf[i + 4:i + 4 + n]
+        i += 4 + n
+        if len(record) != n:
+            break  # C2 died mid-write: what arrived whole still counts
+        try:
+            msg = marshal.loads(record)
+        except (ValueError, EOFError, TypeError):
+            msg = None
+        if isinstance(msg, dict):
+            msgs.append(msg)
+    return msgs
 
 
 def launch(spec: SandboxSpec, argv: Sequence[str], *, landlock_rules: Mapping[str, Sequence[str]] | None = None,
@@ -433,12 +498,15 @@ def _launch(spec: SandboxSpec, argv: list[str], rules: Mapping[str, Sequence[str
             code = _c2(spec, argv, env, rules, status_w, alive_r)
         except SandboxError as e:
             msg = {"code": e.code, "message": str(e), "errno": e.errno}
-            with contextlib.suppress(OSError):
-                _write_all(status_w, (json.dumps({"error": msg}) + "\n").encode())
+            try:  # noqa: SIM105 (no contextlib on the launch path)
+                _send(status_w, {"error": msg})
+            except OSError:
+                pass
         except BaseException as e:  # a bug: still never exec
-            with contextlib.suppress(OSError):
-                _write_all(status_w, (json.dumps({"error": {"code": "SANDBOX_ERROR", "message": repr(e)}})
-                                      + "\n").encode())
+            try:  # noqa: SIM105 (no contextlib on the launch path)
+                _send(status_w, {"error": {"code": "SANDBOX_ERROR", "message": repr(e)}})
+            except OSError:
+                pass
         finally:
             os._exit(code)
     os.close(status_w)

@@ -224,12 +224,20 @@ class _Source:
 
 
 def _mkdirs(path: str, mode: int = 0o755) -> None:
-    os.makedirs(path, mode=mode, exist_ok=True)
+    try:
+        os.mkdir(path, mode)  # the common case: the parent exists (one syscall)
+    except OSError:
+        os.makedirs(path, mode=mode, exist_ok=True)  # missing parents, or already there (checked as before)
 
 
 def _touch(path: str, mode: int = 0o644) -> None:
-    _mkdirs(os.path.dirname(path))
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags, mode)
+    except FileNotFoundError:
+        _mkdirs(os.path.dirname(path))
+        fd = os.open(path, flags, mode)
+    os.close(fd)
 
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:

@@ -2,22 +2,33 @@
 
 The spec is data only. It is validated here (so a malformed spec fails before any privileged step),
 then handed unchanged to the zygote, which applies it by one code path.
+
+It is on the per-launch import path, so it is a plain `__slots__` class, not a dataclass: no dataclasses,
+typing, re or inspect get imported per launch. It still behaves as a frozen dataclass would (keyword or
+positional construction with the same defaults, ==, hash, repr without the BPF, FrozenInstanceError on
+assignment), and `dataclasses.replace/fields/asdict/is_dataclass` work on it: `__dataclass_fields__` is
+built lazily, from an equivalent dataclass, the first time something asks for it.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, field
-from typing import Literal
 
 from faramesh.sandbox.errors import SpecError
 
-Profile = Literal["full", "minimal", "off"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Literal
+
+    Profile = Literal["full", "minimal", "off"]
+
 PROFILES: tuple[Profile, ...] = ("full", "minimal", "off")
 
-# The agent id becomes a cgroup directory name and a hostname: keep it to a boring alphabet.
-_AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# The agent id becomes a cgroup directory name and a hostname: keep it to a boring alphabet
+# (^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$, checked with str methods: no `re` on the launch path).
+_AGENT_ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_AGENT_ID_CHARS = _ALNUM | frozenset("._-")
 
 # The ids the agent sees inside its user namespace (DESIGN.md §2: never uid 0 inside).
 INSIDE_UID = 1000
@@ -26,40 +37,116 @@ INSIDE_GID = 1000
 # Resource names accepted in `rlimits` (applied by cgroups.apply_rlimits).
 RLIMIT_NAMES = ("CORE", "NPROC", "NOFILE", "AS", "FSIZE", "CPU", "MEMLOCK", "STACK")
 
+_REQUIRED = object()
+# (name, default, shown in repr), in field order.
+_FIELDS: tuple[tuple[str, object, bool], ...] = (
+    ("profile", _REQUIRED, True),
+    ("agent_id", _REQUIRED, True),
+    ("host_uid", _REQUIRED, True),
+    ("host_gid", _REQUIRED, True),
+    ("workspace", _REQUIRED, True),
+    ("stack_dir", _REQUIRED, True),
+    ("read_only_paths", (), True),
+    ("hidden_paths", (), True),
+    ("env_allow", (), True),
+    ("env_deny_globs", (), True),
+    # (name, soft, hard) with name from RLIMIT_NAMES; -1 means unlimited.
+    ("rlimits", (("CORE", 0, 0),), True),
+    ("cgroup_pids_max", None, True),
+    ("cgroup_memory_max", None, True),
+    ("egress_port", None, True),
+    ("keep_fds", (), True),
+    ("seccomp_bpf", b"", False),
+    # The agent's own socket directory (<runtime>/agents/<h>/), shown read-only at /run/faramesh.
+    ("socket_dir", None, True),
+    ("home", "/home/agent", True),
+    ("hostname", "faramesh", True),
+    ("inside_uid", INSIDE_UID, True),
+    ("inside_gid", INSIDE_GID, True),
+)
+FIELD_NAMES: tuple[str, ...] = tuple(f[0] for f in _FIELDS)
 
-@dataclass(frozen=True)
+
+def valid_agent_id(agent_id: object) -> bool:
+    return (isinstance(agent_id, str) and 1 <= len(agent_id) <= 63 and agent_id.isascii()
+            and agent_id[0] in _ALNUM and all(c in _AGENT_ID_CHARS for c in agent_id))
+
+
+class _LazyDataclassFields:
+    """`__dataclass_fields__` on demand: the Field objects of an equivalent frozen dataclass."""
+
+    fields: dict[str, Any] | None = None
+
+    def __get__(self, obj: object, cls: type | None = None) -> dict[str, Any]:
+        if self.fields is None:
+            import dataclasses
+
+            shadow = dataclasses.make_dataclass(
+                "SandboxSpec",
+                [(name, object) if default is _REQUIRED
+                 else (name, object, dataclasses.field(default=default, repr=shown))
+                 for name, default, shown in _FIELDS],
+                frozen=True)
+            self.fields = {f.name: f for f in dataclasses.fields(shadow)}
+        return self.fields
+
+
 class SandboxSpec:
     """One agent's confinement. Paths are host paths; the sandbox shows them at the same place."""
 
-    profile: Profile
-    agent_id: str
-    host_uid: int
-    host_gid: int
-    workspace: str
-    stack_dir: str
-    read_only_paths: tuple[str, ...] = ()
-    hidden_paths: tuple[str, ...] = ()
-    env_allow: tuple[str, ...] = ()
-    env_deny_globs: tuple[str, ...] = ()
-    # (name, soft, hard) with name from RLIMIT_NAMES; -1 means unlimited.
-    rlimits: tuple[tuple[str, int, int], ...] = (("CORE", 0, 0),)
-    cgroup_pids_max: int | None = None
-    cgroup_memory_max: int | None = None
-    egress_port: int | None = None
-    keep_fds: tuple[int, ...] = ()
-    seccomp_bpf: bytes = field(default=b"", repr=False)
-    # The agent's own socket directory (<runtime>/agents/<h>/), shown read-only at /run/faramesh.
-    socket_dir: str | None = None
-    home: str = "/home/agent"
-    hostname: str = "faramesh"
-    inside_uid: int = INSIDE_UID
-    inside_gid: int = INSIDE_GID
+    __slots__ = FIELD_NAMES
+    __dataclass_fields__ = _LazyDataclassFields()
+
+    if TYPE_CHECKING:
+        profile: Profile
+        agent_id: str
+        host_uid: int
+        host_gid: int
+        workspace: str
+        stack_dir: str
+        read_only_paths: tuple[str, ...]
+        hidden_paths: tuple[str, ...]
+        env_allow: tuple[str, ...]
+        env_deny_globs: tuple[str, ...]
+        rlimits: tuple[tuple[str, int, int], ...]
+        cgroup_pids_max: int | None
+        cgroup_memory_max: int | None
+        egress_port: int | None
+        keep_fds: tuple[int, ...]
+        seccomp_bpf: bytes
+        socket_dir: str | None
+        home: str
+        hostname: str
+        inside_uid: int
+        inside_gid: int
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        if len(args) > len(_FIELDS):
+            raise TypeError(f"SandboxSpec() takes {len(_FIELDS)} positional arguments but {len(args)} were given")
+        setattr_ = object.__setattr__
+        for i, (name, default, _shown) in enumerate(_FIELDS):
+            if i < len(args):
+                if name in kw:
+                    raise TypeError(f"SandboxSpec() got multiple values for argument {name!r}")
+                value = args[i]
+            elif name in kw:
+                value = kw.pop(name)
+            elif default is _REQUIRED:
+                raise TypeError(f"SandboxSpec() missing required argument: {name!r}")
+            else:
+                value = default
+            setattr_(self, name, value)
+        for name in kw:
+            if name in FIELD_NAMES:
+                continue  # given positionally too: reported above
+            raise TypeError(f"SandboxSpec() got an unexpected keyword argument {name!r}")
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise SpecError(f"profile must be one of {PROFILES}, not {self.profile!r}")
-        if not _AGENT_ID.match(self.agent_id):
-            raise SpecError(f"agent id {self.agent_id!r} must match {_AGENT_ID.pattern}")
+        if not valid_agent_id(self.agent_id):
+            raise SpecError(f"agent id {self.agent_id!r} must match {_AGENT_ID_PATTERN}")
         # DESIGN.md §2: the host uid is never 0 and never nobody (65534, shared by every daemon).
         for what, value in (("host_uid", self.host_uid), ("host_gid", self.host_gid)):
             if value <= 0 or value == 65534:
@@ -85,3 +172,48 @@ class SandboxSpec:
             raise SpecError(f"profile {self.profile} needs the precompiled seccomp BPF")
         if len(self.seccomp_bpf) % 8:
             raise SpecError("seccomp_bpf is not a whole number of sock_filter instructions")
+
+    # --- frozen-dataclass behaviour ---------------------------------------------------------------------
+
+    def _astuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in FIELD_NAMES)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        import dataclasses
+
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        import dataclasses
+
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return self._astuple() == other._astuple()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._astuple())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name, _d, show in _FIELDS if show)
+        return f"{self.__class__.__qualname__}({shown})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, self._astuple())
+
+    def __copy__(self) -> SandboxSpec:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> SandboxSpec:
+        return self
+
+    def replace(self, **changes: Any) -> SandboxSpec:
+        """dataclasses.replace() without importing dataclasses."""
+        kw = {name: getattr(self, name) for name in FIELD_NAMES}
+        for name in changes:
+            if name not in kw:
+                raise TypeError(f"SandboxSpec() got an unexpected keyword argument {name!r}")
+        kw.update(changes)
+        return SandboxSpec(**kw)

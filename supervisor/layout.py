@@ -22,8 +22,7 @@ from faramesh.engine.policy.model import CompiledPolicy
 SYSTEM_PYTHON = "/usr/bin/python3"
 # The lean launcher's boot line: `-S` leaves site-packages out, so the package root comes as argv[1].
 BOOT = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); import runpy; "
-    "runpy.run_module('faramesh.launchers.agent_exec', run_name='__main__', alter_sys=True)"
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from faramesh.launchers.agent_exec import run; run()"
 )
 # Agents' host uids as root: base + 16 * (stack slot) + agent index (never 0, 65534 or the engine's).
 UID_BASE = 61000

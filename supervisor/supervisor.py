@@ -1,8 +1,12 @@
 """`faramesh supervise --dir DIR`: the root supervisor of one stack (DESIGN.md §2), without typer.
 
 Reads the installed compiled policy (never governance.fms), launches every agent that has a command
-through the lean launcher (`/usr/bin/python3 -I -S … agent_exec --spec …`: the one sandbox code path of
-sandbox/launch.py), restarts a crashed agent with exponential backoff (1 s doubling to 60 s) and marks it
+through the launch zygote (supervisor/zygote.py: exec'd before anything else, it forks C1 per launch and
+runs the one sandbox code path of sandbox/launch.py; when it dies it is restarted, and when it cannot be,
+the lean launcher `/usr/bin/python3 -I -S … agent_exec --spec …` is the fallback), watches each C1 through
+a pidfd (no SIGCHLD races; the zygote, C1's parent, reaps it and sends its status), refuses to launch an
+agent whose uid a process outside any sandbox already uses,
+restarts a crashed agent with exponential backoff (1 s doubling to 60 s) and marks it
 FATAL after 5 exits in 60 s, restarts a dead engine, and on SIGTERM/SIGINT stops its agents: SIGINT (C1
 forwards it to the sandbox init, which forwards it to the agent's process group), 5 s of grace, then
 SIGKILL to each sandbox init (the PID namespace takes every descendant with it) and to C1.
@@ -10,9 +14,11 @@ SIGKILL to each sandbox init (the PID namespace takes every descendant with it) 
 One supervisor per stack, held by flock on `<state>/supervisor.lock` (the pid file is informational).
 Its state is in `<runtime>/supervisor.json`.
 
-Not yet: the launch zygote of DESIGN.md §5 (each launch execs a fresh launcher interpreter instead, so
-the supervisor never forks itself into a sandbox), `supervisor.sock`, stdout relaying with rotation (the
-agent's stdout/stderr are its log file, opened by the supervisor), WATCHDOG=1.
+The supervisor has one thread: a poll loop over the zygote's socket, the agents' pidfds and
+`<runtime>/supervisor.sock` (supervisor/control.py: list, stop, reload; root only).
+
+Not yet: stdout relaying with rotation (the agent's stdout/stderr are its log file, opened by the
+supervisor), WATCHDOG=1.
 
 Exit codes: 0 stopped cleanly, 4 another supervisor holds the stack / no installed policy, 64 usage.
 """
@@ -25,6 +31,7 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -34,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from faramesh.supervisor.control import ControlServer
 from faramesh.supervisor.layout import (
     SOCKET_INSIDE,
     AgentPlan,
@@ -47,6 +55,7 @@ from faramesh.supervisor.layout import (
     prepare_workspace,
     write_private,
 )
+from faramesh.supervisor.zygote import Zygote, ZygoteError
 
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
@@ -105,20 +114,62 @@ class Backoff:
 class Agent:
     plan: AgentPlan
     spec_file: Path
-    proc: subprocess.Popen[bytes] | None = None
-    state: str = "starting"
+    pid: int | None = None
+    pidfd: int | None = None
+    popen: subprocess.Popen[bytes] | None = None  # the subprocess fallback (no zygote)
+    via: str = ""
+    state: str = "STARTING"
+    reason: str | None = None
     started_at: float = 0.0
     next_start: float = 0.0
     restarts: int = 0
     last_exit: int | None = None
+    spec_json: str = ""
     backoff: Backoff = field(default_factory=Backoff)
 
 
+def _ns_pid(pid: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def uid_squatters(uid: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Live processes outside any sandbox (in our PID namespace) with `uid` among their real, effective,
+    saved or filesystem uids. Inside = another PID namespace (compare /proc/<pid>/ns/pid)."""
+    mine = _ns_pid("self")
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in exclude:
+            continue
+        try:
+            with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as fh:
+                fields = dict(line.split(":", 1) for line in fh.read().splitlines() if ":" in line)
+        except OSError:
+            continue
+        if fields.get("State", "").strip().startswith(("Z", "X")):
+            continue
+        if str(uid) not in fields.get("Uid", "").split():
+            continue
+        if _ns_pid(entry) == mine:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def control_socket(files: SupervisorFiles) -> Path:
+    return files.paths.runtime_dir / "supervisor.sock"
+
+
 class Supervisor:
-    def __init__(self, stack: Path, files: SupervisorFiles, plans: list[AgentPlan], pkg_root: Path) -> None:
+    def __init__(
+        self, stack: Path, files: SupervisorFiles, plans: list[AgentPlan], pkg_root: Path, zygote: Zygote | None = None
+    ) -> None:
         self.stack = stack
         self.files = files
         self.pkg_root = pkg_root
+        self.zygote = zygote
+        self.zygote_restarts = 0
         self.agents = [Agent(p, files.spec_file(p.agent_id)) for p in plans if p.argv]
         self.stopping = False
         self.engine_backoff = Backoff()
@@ -131,7 +182,40 @@ class Supervisor:
         sock = SOCKET_INSIDE if plan.profile != "off" else str(self.files.paths.agent_socket(plan.agent_id))
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "FARAMESH_SOCKET": sock}
 
+    def _zygote(self) -> Zygote | None:
+        """The live zygote; a dead one is restarted (an exec, so safe at any time) once per launch."""
+        if self.zygote is not None and self.zygote.alive:
+            return self.zygote
+        try:
+            self.zygote = Zygote(str(self.pkg_root), stderr_fd=2)
+        except OSError as exc:
+            _log(f"cannot restart the launch zygote: {exc}; launching through the subprocess launcher")
+            self.zygote = None
+            return None
+        self.zygote_restarts += 1
+        _log(f"launch zygote restarted (pid {self.zygote.pid})")
+        return self.zygote
+
+    def _own_pids(self) -> set[int]:
+        return {a.pid for a in self.agents if a.pid is not None}
+
     def start(self, agent: Agent, now: float) -> None:
+        squatters = uid_squatters(agent.plan.uid, self._own_pids())
+        if squatters:
+            agent.reason = (
+                f"uid {agent.plan.uid} is already used outside a sandbox by pid "
+                f"{', '.join(map(str, squatters))}: refusing to launch"
+            )
+            delay = agent.backoff.next_delay()
+            agent.state = "BACKOFF"
+            agent.next_start = now + delay
+            _log(f'agent "{agent.plan.agent_id}": {agent.reason} (retry in {delay:.0f}s)')
+            return
+        agent.reason = None
+        try:
+            agent.spec_json = agent.spec_file.read_text()
+        except OSError:
+            agent.spec_json = ""
         log_path = self.files.agent_log(agent.plan.agent_id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
@@ -140,89 +224,199 @@ class Supervisor:
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         report_path = self.files.report_file(agent.plan.agent_id)
         report_fd = os.open(report_path, os.O_WRONLY | os.O_TRUNC | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        env = self._agent_env(agent.plan)
         try:
-            argv = [*launcher_argv(self.pkg_root, agent.spec_file, report_fd), "--", *agent.plan.argv]
-            agent.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                pass_fds=(report_fd,),
-                env=self._agent_env(agent.plan),
-                start_new_session=True,
-                cwd="/",
-            )
+            zygote = self._zygote()
+            if zygote is not None:
+                try:
+                    agent.pid, agent.pidfd = zygote.launch(
+                        str(agent.spec_file), list(agent.plan.argv), env, log_fd, report_fd
+                    )
+                    agent.via = "zygote"
+                except ZygoteError as exc:
+                    _log(f"the launch zygote failed ({exc}); falling back to the subprocess launcher")
+            if agent.pid is None:
+                argv = [*launcher_argv(self.pkg_root, agent.spec_file, report_fd), "--", *agent.plan.argv]
+                agent.popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=log_fd,
+                    pass_fds=(report_fd,),
+                    env=env,
+                    start_new_session=True,
+                    cwd="/",
+                )
+                agent.pid = agent.popen.pid
+                agent.pidfd = os.pidfd_open(agent.pid)  # our child, unreaped until its pidfd fires
+                agent.via = "subprocess"
         except OSError as exc:
             _log(f'agent "{agent.plan.agent_id}": cannot start the launcher: {exc}')
-            agent.proc = None
+            self._clear(agent)
             self._exited(agent, now, 127)
             return
         finally:
             os.close(log_fd)
             os.close(report_fd)
-        agent.state = "running"
+        agent.state = "RUNNING"
         agent.started_at = now
-        _log(f'agent "{agent.plan.agent_id}": started (launcher pid {agent.proc.pid}, uid {agent.plan.uid})')
+        _log(f'agent "{agent.plan.agent_id}": started (C1 pid {agent.pid} via {agent.via}, uid {agent.plan.uid})')
 
-    def _exited(self, agent: Agent, now: float, code: int) -> None:
+    def _clear(self, agent: Agent) -> None:
+        if agent.pidfd is not None:
+            os.close(agent.pidfd)
+        agent.pid = agent.pidfd = agent.popen = None
+
+    def _collect(self, agent: Agent) -> int | None:
+        """The status of an agent whose pidfd fired: from the zygote (its parent) or our own Popen."""
+        if agent.popen is not None:
+            code = agent.popen.wait()
+            return 128 - code if code < 0 else code
+        zygote = self.zygote
+        deadline = time.monotonic() + 2.0
+        while zygote is not None and agent.pid not in zygote.exits and zygote.alive:
+            if time.monotonic() > deadline:
+                break
+            zygote.drain(0.1)
+        if zygote is not None and agent.pid in zygote.exits:
+            return zygote.exits.pop(agent.pid)
+        return None  # the zygote died and init reaped C1: the status is lost
+
+    def _exited(self, agent: Agent, now: float, code: int | None) -> None:
         agent.last_exit = code
-        agent.proc = None
         if self.stopping:
-            agent.state = "stopped"
+            agent.state = "STOPPED"
             return
         if agent.backoff.record_exit(now, now - agent.started_at):
             agent.state = "FATAL"
-            _log(
-                f'agent "{agent.plan.agent_id}": FATAL: {CRASH_LOOP_EXITS} exits within {CRASH_LOOP_WINDOW:.0f}s'
-                f" (last status {code}); not restarting"
-            )
+            agent.reason = f"crash loop: {CRASH_LOOP_EXITS} exits within {CRASH_LOOP_WINDOW:.0f}s (last status {code})"
+            _log(f'agent "{agent.plan.agent_id}": FATAL: {agent.reason}; not restarting')
             return
         delay = agent.backoff.next_delay()
-        agent.state = "backoff"
+        agent.state = "BACKOFF"
         agent.next_start = now + delay
         agent.restarts += 1
         _log(f'agent "{agent.plan.agent_id}": exited with status {code}; restarting in {delay:.0f}s')
 
+    def fds(self) -> list[int]:
+        return [a.pidfd for a in self.agents if a.pidfd is not None]
+
+    def on_ready(self, ready: set[int], now: float) -> None:
+        if self.zygote is not None and self.zygote.alive and self.zygote.fileno() in ready:
+            self.zygote.drain()
+            if not self.zygote.alive:
+                _log("the launch zygote died; it is restarted at the next launch")
+        for agent in self.agents:
+            if agent.pidfd is not None and agent.pidfd in ready:
+                code = self._collect(agent)
+                self._clear(agent)
+                self._exited(agent, now, code)
+
     def poll(self, now: float) -> None:
         for agent in self.agents:
-            if agent.proc is not None:
-                code = agent.proc.poll()
-                if code is not None:
-                    self._exited(agent, now, code)
-            elif agent.state in ("starting", "backoff") and now >= agent.next_start and not self.stopping:
+            due = agent.pid is None and agent.state in ("STARTING", "BACKOFF") and now >= agent.next_start
+            if due and not self.stopping:
                 self.start(agent, now)
 
-    def stop_agents(self) -> None:
-        running = [a for a in self.agents if a.proc is not None]
+    def _signal(self, agent: Agent, signum: int) -> None:
+        if agent.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(agent.pidfd, signum)
+
+    def _ended(self, agent: Agent) -> bool:
+        if agent.pidfd is None:
+            return True
+        return bool(select.select([agent.pidfd], [], [], 0)[0])
+
+    def stop_some(self, agents: list[Agent]) -> None:
+        """SIGINT (C1 forwards it to the sandbox init, which forwards it to the agent's group), grace, then
+        SIGKILL to each sandbox init (the PID namespace takes every descendant) and to C1's group."""
+        running = [a for a in agents if a.pidfd is not None]
         for agent in running:
-            assert agent.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(agent.proc.pid, signal.SIGINT)
+            self._signal(agent, signal.SIGINT)
         deadline = time.monotonic() + STOP_GRACE
-        while time.monotonic() < deadline and any(a.proc is not None and a.proc.poll() is None for a in running):
+        while time.monotonic() < deadline and not all(self._ended(a) for a in running):
             time.sleep(0.05)
         for agent in running:
-            proc = agent.proc
-            assert proc is not None
-            if proc.poll() is None:
-                # Each sandbox init (C2) is C1's child: SIGKILL to it ends its PID namespace.
-                for child in _children_of(proc.pid):
+            if not self._ended(agent):
+                assert agent.pid is not None
+                for child in _children_of(agent.pid):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child, signal.SIGKILL)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)  # profile off: no PID namespace, C1's session
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(agent.pid, signal.SIGKILL)  # profile off: no PID namespace, C1's session
+                self._signal(agent, signal.SIGKILL)
                 _log(f'agent "{agent.plan.agent_id}": still running after {STOP_GRACE:.0f}s: killed')
-            code = proc.wait()
-            agent.proc = None
-            agent.last_exit = code
-            agent.state = "stopped"
+                if agent.pidfd is not None:
+                    select.select([agent.pidfd], [], [], 5.0)
+            agent.last_exit = self._collect(agent)
+            self._clear(agent)
+            agent.state = "STOPPED"
+
+    def stop_agents(self) -> None:
+        self.stop_some(self.agents)
         from faramesh.sandbox import cgroups
 
         for agent in self.agents:
             with contextlib.suppress(Exception):  # an empty leaf left behind is harmless
                 cgroups.remove_cgroup(agent.plan.agent_id)
+
+    # --- control -----------------------------------------------------------------------------------
+    def reload(self) -> dict[str, Any]:
+        """Re-read the installed policy: agents whose command or sandbox spec changed are restarted."""
+        from faramesh.engine.runner import EngineStartError, load_installed_policy
+
+        try:
+            policy = load_installed_policy(self.files.paths.policy_copy)
+            plans = [p for p in plan_agents(self.stack, policy, self.files.paths) if p.argv]
+            install_agent_specs(self.stack, self.files, plans)
+        except (EngineStartError, ValueError, OSError) as exc:
+            return {"error": {"code": "RELOAD_FAILED", "message": str(exc)}}
+        by_id = {a.plan.agent_id: a for a in self.agents}
+        wanted = {p.agent_id: p for p in plans}
+        removed = [a for a in self.agents if a.plan.agent_id not in wanted]
+        changed = []
+        for plan in plans:
+            agent = by_id.get(plan.agent_id)
+            if agent is None:
+                continue
+            try:
+                spec_json = agent.spec_file.read_text()
+            except OSError:
+                spec_json = ""
+            if plan != agent.plan or (agent.pid is not None and spec_json != agent.spec_json):
+                changed.append(agent)
+        self.stop_some(removed + changed)
+        now = time.monotonic()
+        for agent in changed:
+            agent.plan = wanted[agent.plan.agent_id]
+            agent.state, agent.next_start, agent.reason, agent.backoff = "STARTING", now, None, Backoff()
+        added = [Agent(p, self.files.spec_file(p.agent_id)) for p in plans if p.agent_id not in by_id]
+        self.agents = [a for a in self.agents if a not in removed] + added
+        _log(
+            f"reload: restarted {[a.plan.agent_id for a in changed]}, added {[a.plan.agent_id for a in added]}"
+            f", removed {[a.plan.agent_id for a in removed]}"
+        )
+        return {
+            "ok": True,
+            "restarted": sorted(a.plan.agent_id for a in changed),
+            "added": sorted(a.plan.agent_id for a in added),
+            "removed": sorted(a.plan.agent_id for a in removed),
+        }
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        verb = request.get("verb", request.get("type"))
+        if verb == "list":
+            return {
+                "supervisor": {"pid": os.getpid(), "zygote_pid": self.zygote.pid if self.zygote else None},
+                "agents": self.agent_list(),
+            }
+        if verb == "stop":
+            self.stopping = True
+            return {"ok": True}
+        if verb == "reload":
+            return self.reload()
+        return {"error": {"code": "UNKNOWN_VERB", "message": f"unknown verb {verb!r} (list, stop, reload)"}}
 
     # --- engine ------------------------------------------------------------------------------------
     def check_engine(self, now: float) -> None:
@@ -242,20 +436,39 @@ class Supervisor:
         self.engine_next_check = now + self.engine_backoff.next_delay() + ENGINE_CHECK_INTERVAL
 
     # --- state -------------------------------------------------------------------------------------
+    def agent_list(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": a.plan.agent_id,
+                "pid": a.pid,
+                "state": a.state,
+                "restarts": a.restarts,
+                "last_exit": a.last_exit,
+                "uid": a.plan.uid,
+                "reason": a.reason,
+                "via": a.via or None,
+            }
+            for a in self.agents
+        ]
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
+            "zygote_pid": self.zygote.pid if self.zygote is not None and self.zygote.alive else None,
+            "zygote_restarts": self.zygote_restarts,
             "stopping": self.stopping,
             "engine_restarts": self.engine_restarts,
             "engine_fatal": self.engine_fatal,
             "agents": {
                 a.plan.agent_id: {
                     "state": a.state,
-                    "pid": a.proc.pid if a.proc is not None else None,
+                    "pid": a.pid,
                     "uid": a.plan.uid,
                     "profile": a.plan.profile,
                     "restarts": a.restarts,
                     "last_exit": a.last_exit,
+                    "reason": a.reason,
+                    "via": a.via or None,
                     "started_at": a.started_at,
                     "log": str(self.files.agent_log(a.plan.agent_id)),
                 }
@@ -331,6 +544,9 @@ def run(stack: Path) -> int:
     if lock is None:
         _log(f"another supervisor already runs for this stack (lock {files.lock_file})")
         return 4
+    zygote: Zygote | None = None
+    sup: Supervisor | None = None
+    control: ControlServer | None = None
     try:
         try:
             policy = load_installed_policy(paths.policy_copy)
@@ -342,10 +558,17 @@ def run(stack: Path) -> int:
             _log("launching sandboxed agents with their own uids needs root")
             return 4
         pkg_root = ensure_pkg_root(files)
+        # The zygote first: exec'd (python3 -I -S, empty environment) while this process is single-threaded;
+        # every launch forks there, never here. (The supervisor never starts a thread: one poll loop.)
+        try:
+            zygote = Zygote(str(pkg_root), stderr_fd=2)
+        except OSError as exc:
+            _log(f"cannot start the launch zygote ({exc}): launching through the subprocess launcher")
         open_traversal(paths)
         install_agent_specs(stack, files, plans)
         write_private(files.pid_file, f"{os.getpid()}\n".encode(), 0o644)
-        sup = Supervisor(stack, files, plans, pkg_root)
+        sup = Supervisor(stack, files, plans, pkg_root, zygote)
+        control = ControlServer(control_socket(files))
 
         def on_signal(signum: int, _frame: object) -> None:
             sup.stopping = True
@@ -353,7 +576,10 @@ def run(stack: Path) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        _log(f"supervising {len(sup.agents)} agent(s) for {stack}")
+        _log(
+            f"supervising {len(sup.agents)} agent(s) for {stack} (zygote pid {zygote.pid if zygote else None}, "
+            f"control {control.path})"
+        )
         last: str | None = None
         notified = False
         while not sup.stopping:
@@ -367,13 +593,31 @@ def run(stack: Path) -> int:
             if not notified:
                 sd_notify("READY=1")
                 notified = True
-            time.sleep(TICK)
+            poller = select.poll()
+            watched = [control.fileno(), *sup.fds()]
+            if sup.zygote is not None and sup.zygote.alive:
+                watched.append(sup.zygote.fileno())
+            for fd in watched:
+                poller.register(fd, select.POLLIN)
+            try:
+                ready = {fd for fd, _ in poller.poll(TICK * 1000)}
+            except InterruptedError:
+                continue
+            now = time.monotonic()
+            sup.on_ready(ready, now)
+            if control.fileno() in ready:
+                control.serve_pending(sup.handle)
         sd_notify("STOPPING=1")
         _log("stopping agents")
         sup.stop_agents()
         write_private(files.state_file, json.dumps(sup.snapshot(), sort_keys=True).encode(), 0o644)
         return 0
     finally:
+        if control is not None:
+            control.close()
+        for z in {zygote, sup.zygote if sup is not None else None}:
+            if z is not None:
+                z.close()
         with contextlib.suppress(FileNotFoundError):
             files.pid_file.unlink()
         with contextlib.suppress(FileNotFoundError):

@@ -841,7 +841,7 @@ def test_example_agent_against_the_example_stack(tmp_path: Path) -> None:
     """`make demo`'s script end to end: dev engine on examples/support-bot, the agent under
     `python -S`, approval through the real CLI, SIGTERM → exit 0."""
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLE / "demo.py")],
+        [sys.executable, str(EXAMPLE / "demo.py"), "--dev"],  # as root, plain demo.py takes the apply tour
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,4 +1,22 @@
-"""`make demo`: the support-bot stack end to end on a real engine.
+"""`make demo`: the support-bot stack end to end, for real.
+
+As root (the production path, `demo.py --apply`, the default for root):
+
+1. copy examples/support-bot/ to a fresh temporary directory (never applied inside the checkout: an
+   immutable file there breaks the next clone) with FARAMESH_STATE_DIR / RUNTIME_DIR / LOG_DIR in it too,
+   so nothing lands in /var; the copy's governance.fms gets `os_tier = true`, `immutable_config = true`
+   and `command = "…"` on agent "support-bot" only (the stack has three agents through its imports, so
+   `supervised_command` does not apply; the imports stay, verified as in production). The single-file
+   client goes next to the agent as faramesh_client.py (the sandbox strips PYTHONPATH; the script's
+   directory is first on sys.path), and supervised_agent.py runs agent.py once, then idles;
+2. `faramesh apply`: engine + supervisor, the agent in the full OS sandbox, reaching the engine through
+   /run/faramesh/agent.sock; the launch report says which mechanisms are active;
+3. the agent walks permit → defer; the operator approves through `faramesh approvals approve`; the agent,
+   blocked on the approval, gets its PERMIT, then the DENYs;
+4. `faramesh unlock` (recorded as a `config_unlocked` DPR by the running engine), `faramesh audit verify`
+   (exit 0), `faramesh apply --stop`; no process is left; the copy is removed.
+
+As any other user (`demo.py --dev`, the default without root): the same tour on `faramesh dev`:
 
 1. start `faramesh dev --dir examples/support-bot` (stubs, in-memory WAL, DPRs on its stderr) with
    FARAMESH_RUNTIME_DIR / FARAMESH_STATE_DIR in a fresh temporary directory, so it never meets
@@ -130,12 +148,12 @@ def _dprs(text: str) -> list[dict[str, Any]]:
     return records
 
 
-def _operator_approve(cli: list[str], env: dict[str, str], approval_id: str) -> bool:
+def _operator_approve(cli: list[str], env: dict[str, str], approval_id: str, stack_dir: Path = STACK) -> bool:
     """As the operator: list pending approvals, then approve the agent's one, through the real CLI."""
-    stack = _stack_arg()
+    stack = _stack_arg() if stack_dir == STACK else str(stack_dir)
     _say("operator", f"$ faramesh approvals list --dir {stack}")
     listed = subprocess.run(
-        [*cli, "approvals", "list", "--dir", str(STACK)], env=env, capture_output=True, text=True, timeout=30
+        [*cli, "approvals", "list", "--dir", str(stack_dir)], env=env, capture_output=True, text=True, timeout=30
     )
     for line in (listed.stdout + listed.stderr).splitlines():
         _say("operator", f"  {line}")
@@ -144,7 +162,7 @@ def _operator_approve(cli: list[str], env: dict[str, str], approval_id: str) -> 
         return False
     _say("operator", f"$ faramesh approvals approve {approval_id} --dir {stack}")
     approved = subprocess.run(
-        [*cli, "approvals", "approve", approval_id, "--dir", str(STACK)],
+        [*cli, "approvals", "approve", approval_id, "--dir", str(stack_dir)],
         env=env,
         capture_output=True,
         text=True,
@@ -218,7 +236,7 @@ def _transcript(records: list[dict[str, Any]]) -> None:
         )
 
 
-def live() -> int:
+def dev_tour() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="fm-demo-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARAMESH_")}
     env["FARAMESH_RUNTIME_DIR"] = str(workdir / "run")
@@ -292,11 +310,249 @@ def live() -> int:
     return 0 if passed else 1
 
 
+# --------------------------------------------------------------------------------------------- apply
+
+APPLY_TIMEOUT = 60.0
+
+
+def _run_cli(cli: list[str], env: dict[str, str], *args: str, show: str = "") -> subprocess.CompletedProcess[str]:
+    """Run one `faramesh …` command, echoing it and its output in the transcript."""
+    _say("operator", f"$ faramesh {show or ' '.join(args)}")
+    proc = subprocess.run(
+        [*cli, *args], env=env, capture_output=True, text=True, timeout=APPLY_TIMEOUT, stdin=subprocess.DEVNULL
+    )
+    for line in (proc.stdout + proc.stderr).splitlines():
+        _say("operator", f"  {line}")
+    if proc.returncode != 0:
+        _say("operator", f"  (exit {proc.returncode})")
+    return proc
+
+
+def _prepare_copy(stack: Path) -> None:
+    """The stack copy: the example, the single-file client, the supervised agent as support-bot's command."""
+    shutil.copytree(
+        STACK,
+        stack,
+        ignore=shutil.ignore_patterns("demo.py", "tests", "__pycache__", ".*cache", ".faramesh", "workspace"),
+    )
+    shutil.copyfile(CLIENT_SOURCE, stack / "faramesh_client.py")
+    for path in stack.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)  # readable by the agent's own uid
+    os.chmod(stack, 0o755)
+    fms = stack / "governance.fms"
+    text = fms.read_text()
+    command = f"/usr/bin/python3 -S {stack / 'supervised_agent.py'} --approval-timeout {AGENT_TIMEOUT:g}"
+    edits = [
+        ("runtime {\n", "runtime {\n  os_tier = true\n  immutable_config = true\n"),
+        ('agent "support-bot" {\n', f'agent "support-bot" {{\n  command = "{command}"\n'),
+    ]
+    for marker, replacement in edits:
+        if text.count(marker) != 1:
+            raise RuntimeError(f"governance.fms: expected one {marker.strip()!r} block to extend")
+        text = text.replace(marker, replacement)
+    fms.write_text(text)
+
+
+def _processes_under(root: Path) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if str(root).encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _clear_flags(root: Path) -> None:
+    from faramesh.sandbox.immutable import clear_immutable
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                with contextlib.suppress(Exception):
+                    clear_immutable(path)
+
+
+def _follow_agent(
+    log_path: Path, cli: list[str], env: dict[str, str], stack: Path, checks: list[tuple[str, bool]]
+) -> int | None:
+    """Print the agent's log as it grows; approve its deferred refund; return the smoke test's exit code."""
+    waiting = re.compile(r"faramesh approvals approve (apr-\S+)")
+    finished = re.compile(r"^smoke test exit (\d+)")
+    approved = False
+    seen = 0
+    deadline = time.monotonic() + AGENT_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            lines = log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for line in lines[seen:]:
+            _say("agent", line)
+            match = waiting.search(line)
+            if match and not approved:
+                approved = _operator_approve(cli, env, match.group(1), stack)
+                checks.append(
+                    ("the operator approved the deferred refund through `faramesh approvals approve`", approved)
+                )
+            done = finished.match(line)
+            if done:
+                return int(done.group(1))
+        seen = len(lines)
+        time.sleep(0.1)
+    _say("demo", f"the agent did not finish its smoke test within {AGENT_TIMEOUT:g}s")
+    return None
+
+
+def _records(cli: list[str], env: dict[str, str], stack: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [*cli, "audit", "tail", "--dir", str(stack), "-n", "100", "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    try:
+        return list(json.loads(proc.stdout)["records"])
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
+def apply_tour() -> int:
+    """The production path, as root: apply a copy with the OS sandbox, tour, unlock, verify, stop."""
+    from faramesh.engine.paths import stack_paths
+    from faramesh.supervisor.layout import SupervisorFiles
+
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="fm-demo-", dir="/tmp"))
+    os.chmod(workdir, 0o755)  # the agent's uid traverses it to reach the stack copy
+    stack = workdir / "support-bot"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARAMESH_")}
+    env.update(
+        FARAMESH_STATE_DIR=str(workdir / "state"),
+        FARAMESH_RUNTIME_DIR=str(workdir / "run"),
+        FARAMESH_LOG_DIR=str(workdir / "log"),
+    )
+    cli = _faramesh_cli()
+    checks: list[tuple[str, bool]] = []
+    stopped = False
+    records: list[dict[str, Any]] = []
+    try:
+        _prepare_copy(stack)
+        _say("demo", f"stack copied to {stack} (os_tier, immutable_config, command on agent support-bot)")
+        _say("demo", f"state, runtime and log dirs under {workdir}")
+        applied = _run_cli(cli, env, "apply", "--dir", str(stack))
+        report = applied.stdout
+        checks.append(
+            ("`faramesh apply` started engine, supervisor and the sandboxed agent (exit 0)", applied.returncode == 0)
+        )
+        if applied.returncode != 0:
+            return _verdict(checks, started)
+        report_lines = [line.strip() for line in report.splitlines()]
+        active = [line.split(":", 1)[1].strip() for line in report_lines if line.startswith("applied:")]
+        missing = [line.split(":", 1)[1].strip() for line in report_lines if line.startswith("NOT applied:")]
+        checks.append(("the launch report names the active OS mechanisms", bool(active)))
+        checks.append(("the config is locked (immutable)", "locked (immutable)" in report))
+
+        files = SupervisorFiles(stack_paths(stack, env=env))
+        rc = _follow_agent(files.agent_log("support-bot"), cli, env, stack, checks)
+        checks.append(("the agent's smoke test passed inside the sandbox (exit 0)", rc == 0))
+
+        unlocked = _run_cli(cli, env, "unlock", "--dir", str(stack))
+        checks.append(
+            (
+                "`faramesh unlock` cleared the flags and the engine recorded config_unlocked",
+                unlocked.returncode == 0 and "recorded config_unlocked" in unlocked.stdout,
+            )
+        )
+        verified = _run_cli(cli, env, "audit", "verify", "--dir", str(stack))
+        checks.append(("`faramesh audit verify`: the chain is intact (exit 0)", verified.returncode == 0))
+        records = _records(cli, env, stack)
+
+        halted = _run_cli(cli, env, "apply", "--stop", "--dir", str(stack))
+        stopped = halted.returncode == 0
+        checks.append(("`faramesh apply --stop` exit 0", stopped))
+        left = _processes_under(workdir)
+        checks.append((f"no process left behind ({len(left)} found)", not left))
+
+        _transcript(records)
+        for r in records:
+            if r.get("action_type") == "config_unlocked":
+                print(f"  [config_unlocked] by {r.get('by')}, policy {str(r.get('policy_version'))[:16]}, "
+                      f"{len(r.get('paths') or [])} paths")  # fmt: skip
+        print()
+        print("Active OS mechanisms (the agent's launch report):")
+        for line in active:
+            print(f"  {line}")
+        if missing:
+            print("Not applied (the report says why):")
+            for line in missing:
+                print(f"  {line}")
+        retried = [r for r in records if r.get("tool") == "refund" and r.get("code") == "APPROVED"
+                   and r.get("action_type") == "tool_call"]  # fmt: skip
+        approver = retried[0].get("approver") if retried else None
+        checks.append((f"the retry's DPR names the approver ({approver})", bool(approver)))
+        effects = [(r.get("tool"), r.get("effect")) for r in records if r.get("action_type") == "tool_call"]
+        checks.append(
+            (
+                "the shell call and the $1000 refund were denied",
+                ("shell/exec", "DENY") in effects and effects.count(("refund", "DENY")) == 1,
+            )
+        )
+        leaked = [p for p in workdir.rglob("*") if p.is_file() and p.suffix in (".sqlite", ".log")
+                  and CARD_NUMBER.encode() in p.read_bytes()]  # fmt: skip
+        checks.append(("no WAL or log contains the card number (redacted)", not leaked))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        _say("demo", f"error: {exc}")
+        checks.append((f"the tour ran to its end ({type(exc).__name__})", False))
+    finally:
+        _teardown(cli, env, stack, workdir, stopped)
+    return _verdict(checks, started)
+
+
+def _teardown(cli: list[str], env: dict[str, str], stack: Path, workdir: Path, stopped: bool) -> None:
+    """Always: stop, unlock, clear every immutable flag, kill what is left, remove the copy."""
+    for args, done in ((("apply", "--stop"), stopped), (("unlock",), False)):
+        if not done and stack.exists():
+            with contextlib.suppress(Exception):
+                subprocess.run([*cli, *args, "--dir", str(stack)], env=env, capture_output=True, timeout=60)
+    _clear_flags(workdir)
+    for pid in _processes_under(workdir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if workdir.exists():
+        _say("demo", f"could not remove {workdir}")
+
+
+def _verdict(checks: list[tuple[str, bool]], started: float) -> int:
+    print()
+    for what, ok in checks:
+        print(f"  {'ok ' if ok else 'FAIL'} {what}")
+    passed = bool(checks) and all(ok for _, ok in checks)
+    print(f"\ndemo {'passed' if passed else 'FAILED'} in {time.monotonic() - started:.1f}s")
+    return 0 if passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The support-bot demo on a real `faramesh dev` engine.")
-    parser.add_argument("--offline", action="store_true", help="print the pure-evaluation table instead (no daemon)")
+    parser = argparse.ArgumentParser(description="The support-bot demo on a real Faramesh engine.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--offline", action="store_true", help="print the pure-evaluation table instead (no daemon)")
+    mode.add_argument("--dev", action="store_true", help="the tour on `faramesh dev` (the default without root)")
+    mode.add_argument(
+        "--apply", action="store_true", help="the production tour: apply a copy with the OS sandbox (root; default)"
+    )
     args = parser.parse_args(argv)
-    return offline() if args.offline else live()
+    if args.offline:
+        return offline()
+    if args.apply and os.geteuid() != 0:
+        print("demo: --apply needs root (`faramesh apply` launches agents under their own uids)", file=sys.stderr)
+        return 1
+    if args.dev or os.geteuid() != 0:
+        return dev_tour()
+    return apply_tour()
 
 
 if __name__ == "__main__":

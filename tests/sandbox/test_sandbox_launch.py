@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
 PYTHON = "/usr/bin/python3"
 # -S leaves site-packages out: the caller puts the directory holding `faramesh` on sys.path itself.
-BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import runpy; "
-        "runpy.run_module('faramesh.launchers.agent_exec', run_name='__main__', alter_sys=True)")
+BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+        "from faramesh.launchers.agent_exec import run; run()")
 FULL_BPF = seccomp.build_filter("full")
 MINIMAL_BPF = seccomp.build_filter("minimal")
 _uid_counter = [0]
@@ -169,6 +169,19 @@ def test_launcher_imports_nothing_heavy(pkg_root: str, stack: Stack) -> None:
     for heavy in ("lark", "typer", "yaml", "cryptography", "orjson", "pyseccomp", "seccomp", "click"):
         assert heavy not in modules, heavy
     assert not any(m.startswith("faramesh.engine") for m in modules)
+    # Per-launch cost (issue 4 §5): beyond what the bare interpreter loads, only os, ctypes/struct and a
+    # few C modules — no runpy/importlib.util (BOOT), re, enum/signal, typing, dataclasses, inspect, json,
+    # base64 or contextlib.
+    bare = subprocess.run([PYTHON, "-I", "-S", "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
+                          timeout=30).stderr
+    baseline = {line.split("|")[-1].strip() for line in bare.splitlines() if line.startswith("import time:")}
+    extra = {m for m in modules - baseline if not m.startswith("faramesh")}
+    assert extra <= {"__future__", "os", "stat", "_stat", "posixpath", "genericpath", "_collections_abc", "errno",
+                     "ctypes", "_ctypes", "ctypes._endian", "types", "struct", "_struct", "_signal", "binascii",
+                     "_json", "marshal"}, sorted(extra)
+    for banned in ("runpy", "importlib.util", "re", "enum", "signal", "typing", "dataclasses", "inspect", "ast",
+                   "json", "base64", "contextlib", "functools", "collections"):
+        assert banned not in modules, banned
 
 
 def test_usage_errors_exit_64(pkg_root: str, stack: Stack) -> None:
