@@ -461,7 +461,17 @@ def stop(stack: Path) -> int:
                 if info.get("pid"):
                     _kill_tree(int(info["pid"]))
             _wait_unlocked(files.lock_file, 5)
+        zygote = state.get("zygote_pid")
+        if isinstance(zygote, int):  # it exits once its supervisor is gone and its C1s reaped
+            from faramesh.supervisor.layout import is_zombie_or_gone
+
+            deadline = time.monotonic() + 2.0
+            while not is_zombie_or_gone(zygote) and time.monotonic() < deadline:
+                time.sleep(0.02)
         stopped.append(f"supervisor (pid {sup})")
+    orphans = _sweep_stack(paths, files)
+    if orphans:
+        stopped.append(f"{orphans} process(es) left by a dead supervisor")
     eng = lock_holder(paths.lock_file)
     if eng is not None:
         _signal(eng, signal.SIGTERM)
@@ -490,6 +500,50 @@ def stop(stack: Path) -> int:
                 lock.unlink()
     _say(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
     return EXIT_OK
+
+
+def _tagged_processes(tag: str, spec_prefix: str) -> list[int]:
+    """The stack's zygote, C1s and sandbox inits (their argv holds `tag`) and launcher sessions (a spec
+    under the stack's agents dir), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.decode(errors="replace") == tag or a.decode(errors="replace").startswith(spec_prefix)
+               for a in args):
+            found.append(int(entry))
+    return found
+
+
+def _sweep_stack(paths: StackPaths, files: SupervisorFiles, timeout: float = 5.0) -> int:
+    """Whatever the stack still runs once its supervisor is gone (SIGKILLed: its zygote waits on, with
+    the C1s; or an agent escaped to a new session): SIGKILL the tagged processes, then every process in
+    the stack's cgroups (`cgroup.procs`: nothing leaves its cgroup unprivileged), then rmdir them.
+    Returns how many processes it killed."""
+    from faramesh.sandbox import cgroups
+    from faramesh.supervisor.layout import is_zombie_or_gone, process_tag, stack_cgroup
+
+    killed: set[int] = set()
+    tagged = _tagged_processes(process_tag(paths.stack_id), f"{files.agents_dir}/")
+    for pid in tagged:
+        _signal(pid, signal.SIGKILL)
+        killed.add(pid)
+    for name in cgroups.list_cgroups(stack_cgroup(paths.stack_id)):
+        with contextlib.suppress(Exception):
+            killed |= cgroups.cgroup_pids(name)
+            if not cgroups.kill_cgroup(name, timeout=timeout):
+                _err(f"cgroup faramesh/{name}: processes still there after {timeout:.0f}s")
+        with contextlib.suppress(Exception):
+            cgroups.remove_cgroup(name)
+    deadline = time.monotonic() + timeout
+    while not all(is_zombie_or_gone(pid) for pid in tagged) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return len(killed)
 
 
 def _kill_tree(pid: int) -> None:

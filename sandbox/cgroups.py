@@ -85,16 +85,17 @@ def _write(path: str, value: str) -> None:
         os.close(fd)
 
 
-def cgroup_dirs(agent_id: str, root: str = CGROUP_ROOT) -> dict[str, str]:
-    """Where the agent's cgroup lives per controller (v1) or once (v2, key "unified")."""
+def cgroup_dirs(name: str, root: str = CGROUP_ROOT) -> dict[str, str]:
+    """Where the cgroup `faramesh/<name>` lives per controller (v1) or once (v2, key "unified"). `name` is
+    the spec's cgroup name: the agent id, or `<stack>/<agent>` when the supervisor qualifies it."""
     if cgroup_version(root) == "v2":
-        return {"unified": f"{root}/faramesh/{agent_id}"}
-    return {c: f"{root}/{c}/faramesh/{agent_id}" for c in ("pids", "memory")}
+        return {"unified": f"{root}/faramesh/{name}"}
+    return {c: f"{root}/{c}/faramesh/{name}" for c in ("pids", "memory")}
 
 
-def join_cgroup(agent_id: str, pids_max: int | None = None, memory_max: int | None = None, *, pid: int = 0,
+def join_cgroup(name: str, pids_max: int | None = None, memory_max: int | None = None, *, pid: int = 0,
                 required: bool = False, root: str = CGROUP_ROOT) -> dict[str, str]:
-    """Create faramesh/<agent_id> under each controller, set the limits, move `pid` (0 = self) in.
+    """Create faramesh/<name> under each controller, set the limits, move `pid` (0 = self) in.
 
     Returns {controller: "joined" | "unavailable: <why>"}; with `required` an unavailable controller
     raises CgroupError instead (the root path, where the host promised delegation).
@@ -106,7 +107,7 @@ def join_cgroup(agent_id: str, pids_max: int | None = None, memory_max: int | No
         if required:
             raise CgroupError(f"no cgroup hierarchy at {root}")
         return {"none": "unavailable: no cgroup hierarchy"}
-    for ctrl, path in cgroup_dirs(agent_id, root).items():
+    for ctrl, path in cgroup_dirs(name, root).items():
         hierarchy = root if version == "v2" else f"{root}/{ctrl}"
         if not os.path.exists(f"{hierarchy}/cgroup.procs"):
             if required:
@@ -116,9 +117,14 @@ def join_cgroup(agent_id: str, pids_max: int | None = None, memory_max: int | No
         try:
             os.makedirs(path, mode=0o755, exist_ok=True)
             if version == "v2":
-                # Controllers must be enabled top-down in each parent's subtree_control.
-                for parent in (root, os.path.dirname(path)):
-                    _write(f"{parent}/cgroup.subtree_control", "+pids +memory")
+                # Controllers must be enabled top-down in each ancestor's subtree_control.
+                parent = os.path.dirname(path)
+                ancestors = [parent]
+                while parent != root and len(parent) > len(root):
+                    parent = os.path.dirname(parent)
+                    ancestors.append(parent)
+                for anc in reversed(ancestors):
+                    _write(f"{anc}/cgroup.subtree_control", "+pids +memory")
                 if pids_max is not None:
                     _write(f"{path}/pids.max", str(pids_max))
                 if memory_max is not None:
@@ -136,12 +142,74 @@ def join_cgroup(agent_id: str, pids_max: int | None = None, memory_max: int | No
     return report
 
 
-def remove_cgroup(agent_id: str, root: str = CGROUP_ROOT) -> None:
-    """rmdir the agent's cgroups once empty (EBUSY while a process is still in one)."""
-    for path in cgroup_dirs(agent_id, root).values():
+def cgroup_pids(name: str, root: str = CGROUP_ROOT) -> set[int]:
+    """Every process in the cgroup faramesh/<name> (and below), by any controller: `cgroup.procs` is the
+    reliable list (a process cannot leave its cgroup without privilege, whatever it forks or setsids)."""
+    found: set[int] = set()
+    for path in cgroup_dirs(name, root).values():
+        for dirpath, _dirs, _files in os.walk(path):
+            try:
+                with open(f"{dirpath}/cgroup.procs", "rb") as fh:
+                    found.update(int(p) for p in fh.read().split())
+            except OSError:
+                continue
+    return found
+
+
+def kill_cgroup(name: str, root: str = CGROUP_ROOT, timeout: float = 5.0) -> bool:
+    """SIGKILL every process in faramesh/<name> until it is empty (v2 `cgroup.kill` when the kernel has
+    it; otherwise a kill loop, which also catches what was forked meanwhile). True once empty."""
+    import signal
+    import time
+
+    for path in cgroup_dirs(name, root).values():
+        if os.path.exists(f"{path}/cgroup.kill"):
+            try:  # noqa: SIM105 (no contextlib on the launch path)
+                _write(f"{path}/cgroup.kill", "1")
+            except OSError:
+                pass
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = cgroup_pids(name, root)
+        if not pids:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        for pid in pids:
+            try:  # noqa: SIM105
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.02)
+
+
+def list_cgroups(prefix: str, root: str = CGROUP_ROOT) -> list[str]:
+    """The names `<prefix>/<leaf>` that exist under faramesh/<prefix> in any controller (a stack's)."""
+    names: set[str] = set()
+    for path in cgroup_dirs(prefix, root).values():
+        try:
+            entries = os.listdir(path)
+        except OSError:
+            continue
+        names.update(f"{prefix}/{e}" for e in entries if os.path.isdir(f"{path}/{e}"))
+    return sorted(names)
+
+
+def remove_cgroup(name: str, root: str = CGROUP_ROOT) -> None:
+    """rmdir the cgroup faramesh/<name> once empty (EBUSY while a process is still in one), then its
+    now-empty parents up to (not including) faramesh/ itself."""
+    for path in cgroup_dirs(name, root).values():
         try:
             os.rmdir(path)
         except FileNotFoundError:
             pass
         except OSError as e:
             raise CgroupError(f"removing {path}", errno=e.errno) from None
+        top = path[: len(path) - len(name)].rstrip("/")
+        parent = os.path.dirname(path)
+        while len(parent) > len(top):
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break  # another agent of the stack still has its cgroup there (or it is gone)
+            parent = os.path.dirname(parent)

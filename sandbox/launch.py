@@ -441,7 +441,7 @@ def _launch(spec: SandboxSpec, argv: list[str], rules: Mapping[str, Sequence[str
 
     # R1 (root) / rlimits and oom for everyone.
     if is_root:
-        cg = cgroups.join_cgroup(spec.agent_id, spec.cgroup_pids_max, spec.cgroup_memory_max)
+        cg = cgroups.join_cgroup(spec.cgroup, spec.cgroup_pids_max, spec.cgroup_memory_max)
         for ctrl, state in cg.items():
             (report.ok if state == "joined" else report.no)(f"R1 cgroup {ctrl}: {state}")
     else:

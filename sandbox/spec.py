@@ -63,6 +63,9 @@ _FIELDS: tuple[tuple[str, object, bool], ...] = (
     ("hostname", "faramesh", True),
     ("inside_uid", INSIDE_UID, True),
     ("inside_gid", INSIDE_GID, True),
+    # The cgroup under faramesh/: None means the agent id. The supervisor qualifies it with the stack
+    # (`<stack>/<agent>`), so two stacks with the same agent id never share (or remove) one cgroup.
+    ("cgroup_name", None, True),
 )
 FIELD_NAMES: tuple[str, ...] = tuple(f[0] for f in _FIELDS)
 
@@ -70,6 +73,14 @@ FIELD_NAMES: tuple[str, ...] = tuple(f[0] for f in _FIELDS)
 def valid_agent_id(agent_id: object) -> bool:
     return (isinstance(agent_id, str) and 1 <= len(agent_id) <= 63 and agent_id.isascii()
             and agent_id[0] in _ALNUM and all(c in _AGENT_ID_CHARS for c in agent_id))
+
+
+def valid_cgroup_name(name: object) -> bool:
+    """1 to 4 '/'-separated segments, each an agent-id-like name (no '.', '..', empty or odd segment)."""
+    if not isinstance(name, str) or len(name) > 255:
+        return False
+    parts = name.split("/")
+    return 1 <= len(parts) <= 4 and all(valid_agent_id(p) for p in parts)
 
 
 class _LazyDataclassFields:
@@ -119,6 +130,7 @@ class SandboxSpec:
         hostname: str
         inside_uid: int
         inside_gid: int
+        cgroup_name: str | None
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         if len(args) > len(_FIELDS):
@@ -147,6 +159,9 @@ class SandboxSpec:
             raise SpecError(f"profile must be one of {PROFILES}, not {self.profile!r}")
         if not valid_agent_id(self.agent_id):
             raise SpecError(f"agent id {self.agent_id!r} must match {_AGENT_ID_PATTERN}")
+        if self.cgroup_name is not None and not valid_cgroup_name(self.cgroup_name):
+            raise SpecError(f"cgroup name {self.cgroup_name!r} must be 1-4 '/'-separated segments matching"
+                            f" {_AGENT_ID_PATTERN}")
         # DESIGN.md §2: the host uid is never 0 and never nobody (65534, shared by every daemon).
         for what, value in (("host_uid", self.host_uid), ("host_gid", self.host_gid)):
             if value <= 0 or value == 65534:
@@ -172,6 +187,11 @@ class SandboxSpec:
             raise SpecError(f"profile {self.profile} needs the precompiled seccomp BPF")
         if len(self.seccomp_bpf) % 8:
             raise SpecError("seccomp_bpf is not a whole number of sock_filter instructions")
+
+    @property
+    def cgroup(self) -> str:
+        """The cgroup name in force: `cgroup_name`, or the agent id."""
+        return self.cgroup_name if self.cgroup_name is not None else self.agent_id
 
     # --- frozen-dataclass behaviour ---------------------------------------------------------------------
 

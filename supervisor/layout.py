@@ -155,9 +155,25 @@ class AgentPlan:
     uid: int
     workspace: Path
     socket_dir: Path
+    cgroup: str = ""  # faramesh/<cgroup>: `<stack>/<agent>` (stack_cgroup), never shared across stacks
 
     def sandbox_settings(self) -> dict[str, Any]:
         return {"argv": list(self.argv), "profile": self.profile, "workspace": str(self.workspace)}
+
+
+def stack_cgroup(stack_id: str) -> str:
+    """The stack's cgroup segment (its agents' cgroups are faramesh/<this>/<agent id>): the stack id made
+    safe for a path segment (its directory name may hold any character), keeping its hash suffix."""
+    name, _, digest = stack_id.rpartition("-")
+    clean = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in name)[:40]
+    clean = clean.lstrip("._-") or "stack"
+    return f"{clean}-{digest}" if digest.isalnum() else clean
+
+
+def process_tag(stack_id: str) -> str:
+    """An argv element of the stack's zygote (and, forked from it, of every C1 and sandbox init): what
+    `apply --stop` finds in /proc when the supervisor died and left them behind."""
+    return f"faramesh-stack={stack_cgroup(stack_id)}"
 
 
 def _stack_slot(stack_id: str) -> int:
@@ -194,7 +210,8 @@ def plan_agents(stack: Path, policy: CompiledPolicy, paths: StackPaths) -> list[
         uid = UID_BASE + slot * AGENTS_PER_STACK + index
         # Several agents never share a workspace (each owns its own): one subdirectory each.
         ws = workspace if len(policy.agents) == 1 else workspace / agent_id
-        plans.append(AgentPlan(agent_id, argv, profile, uid, ws, paths.agent_socket(agent_id).parent))
+        cgroup = f"{stack_cgroup(paths.stack_id)}/{agent_id}"
+        plans.append(AgentPlan(agent_id, argv, profile, uid, ws, paths.agent_socket(agent_id).parent, cgroup))
     return plans
 
 
@@ -221,6 +238,7 @@ def build_spec_json(plan: AgentPlan, stack: Path) -> str:
         os.path.normpath(os.path.realpath(stack)),
         socket_dir=str(plan.socket_dir),
         hidden_paths=(str(stack / ".faramesh"),),
+        cgroup_name=plan.cgroup or None,
     )
     return spec_to_json(spec)
 

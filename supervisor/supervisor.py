@@ -53,6 +53,7 @@ from faramesh.supervisor.layout import (
     open_traversal,
     plan_agents,
     prepare_workspace,
+    process_tag,
     write_private,
 )
 from faramesh.supervisor.zygote import Zygote, ZygoteError
@@ -157,6 +158,15 @@ def uid_squatters(uid: int, exclude: set[int] | frozenset[int] = frozenset()) ->
     return sorted(found)
 
 
+def _remove_cgroup(plan: AgentPlan) -> None:
+    """The agent's sandbox ended: its cgroup goes (it stays while something still runs in it, e.g. a
+    launcher session of the same agent; `apply --stop` kills that and removes it)."""
+    from faramesh.sandbox import cgroups
+
+    with contextlib.suppress(Exception):
+        cgroups.remove_cgroup(plan.cgroup or plan.agent_id)
+
+
 def control_socket(files: SupervisorFiles) -> Path:
     return files.paths.runtime_dir / "supervisor.sock"
 
@@ -187,7 +197,7 @@ class Supervisor:
         if self.zygote is not None and self.zygote.alive:
             return self.zygote
         try:
-            self.zygote = Zygote(str(self.pkg_root), stderr_fd=2)
+            self.zygote = Zygote(str(self.pkg_root), stderr_fd=2, tag=process_tag(self.files.paths.stack_id))
         except OSError as exc:
             _log(f"cannot restart the launch zygote: {exc}; launching through the subprocess launcher")
             self.zygote = None
@@ -310,6 +320,7 @@ class Supervisor:
             if agent.pidfd is not None and agent.pidfd in ready:
                 code = self._collect(agent)
                 self._clear(agent)
+                _remove_cgroup(agent.plan)
                 self._exited(agent, now, code)
 
     def poll(self, now: float) -> None:
@@ -354,12 +365,15 @@ class Supervisor:
             agent.state = "STOPPED"
 
     def stop_agents(self) -> None:
+        """stop_some, then whatever is left in each agent's cgroup (a profile-off agent's setsid'd
+        descendants, a launcher session of the same agent) is killed and the cgroup removed."""
         self.stop_some(self.agents)
         from faramesh.sandbox import cgroups
 
         for agent in self.agents:
-            with contextlib.suppress(Exception):  # an empty leaf left behind is harmless
-                cgroups.remove_cgroup(agent.plan.agent_id)
+            with contextlib.suppress(Exception):
+                cgroups.kill_cgroup(agent.plan.cgroup or agent.plan.agent_id, timeout=2.0)
+            _remove_cgroup(agent.plan)
 
     # --- control -----------------------------------------------------------------------------------
     def reload(self) -> dict[str, Any]:
@@ -561,7 +575,7 @@ def run(stack: Path) -> int:
         # The zygote first: exec'd (python3 -I -S, empty environment) while this process is single-threaded;
         # every launch forks there, never here. (The supervisor never starts a thread: one poll loop.)
         try:
-            zygote = Zygote(str(pkg_root), stderr_fd=2)
+            zygote = Zygote(str(pkg_root), stderr_fd=2, tag=process_tag(paths.stack_id))
         except OSError as exc:
             _log(f"cannot start the launch zygote ({exc}): launching through the subprocess launcher")
         open_traversal(paths)

@@ -66,8 +66,10 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return msg, list(fds)
 
 
-def argv(pkg_root: str, fd: int) -> list[str]:
-    return [SYSTEM_PYTHON, "-I", "-S", "-c", BOOT, pkg_root, str(fd)]
+def argv(pkg_root: str, fd: int, tag: str | None = None) -> list[str]:
+    """`tag` (layout.process_tag: the stack) only marks the command line, for `apply --stop` to find the
+    zygote, its C1s and their sandbox inits (forked: same command line) when the supervisor is gone."""
+    return [SYSTEM_PYTHON, "-I", "-S", "-c", BOOT, pkg_root, str(fd), *([tag] if tag else [])]
 
 
 # --- the supervisor's side ------------------------------------------------------------------------------
@@ -80,13 +82,13 @@ class ZygoteError(Exception):
 class Zygote:
     """The supervisor's handle on its zygote: spawn (before any thread), launch, exit statuses."""
 
-    def __init__(self, pkg_root: str, stderr_fd: int | None = None) -> None:
+    def __init__(self, pkg_root: str, stderr_fd: int | None = None, tag: str | None = None) -> None:
         import subprocess
 
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
-                argv(pkg_root, theirs.fileno()),
+                argv(pkg_root, theirs.fileno(), tag),
                 env={},  # an EMPTY environment: nothing of the supervisor's reaches the agents' parent
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -318,8 +320,8 @@ def serve(sock: socket.socket) -> int:
 
 
 def main() -> int:
-    if len(sys.argv) != 2 or not sys.argv[1].isdigit():
-        sys.stderr.write("usage: zygote FD (started by `faramesh supervise`)\n")
+    if len(sys.argv) not in (2, 3) or not sys.argv[1].isdigit():
+        sys.stderr.write("usage: zygote FD [TAG] (started by `faramesh supervise`)\n")
         return 64
     sock = socket.socket(fileno=int(sys.argv[1]))
     os.set_inheritable(sock.fileno(), False)

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -55,6 +56,13 @@ def _teardown(a: Applied) -> None:
     for pid, _ in _processes_mentioning(str(a.base)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    from faramesh.sandbox import cgroups
+    from faramesh.supervisor.layout import stack_cgroup
+
+    for name in cgroups.list_cgroups(stack_cgroup(stack_paths(a.stack, env=a.env).stack_id)):
+        with contextlib.suppress(Exception):
+            cgroups.kill_cgroup(name, timeout=2.0)
+            cgroups.remove_cgroup(name)
     shutil.rmtree(a.base, ignore_errors=True)
 
 
@@ -215,5 +223,198 @@ def test_a_crash_loop_is_fatal_and_a_killed_supervisor_is_degraded() -> None:
         status = a.faramesh("status", "--format", "json")
         assert status.returncode == 3, status.stdout + status.stderr
         assert json.loads(status.stdout)["supervisor"]["alive"] is False
+    finally:
+        _teardown(a)
+
+
+# --- stack-qualified cgroups and `apply --stop` leaving nothing (issue 4 §1, §4 items 14 and 21) --------
+
+# `kill -9 -1` (and a SIGKILL to its sandbox init) from inside first, then a double-forked `setsid`
+# sleep; SIGINT/SIGTERM ignored, so only the SIGKILL after the grace period ends it.
+STUBBORN_PY = """\
+import errno, os, signal, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+results = {}
+for name, target in (("all", -1), ("init", 1)):
+    try:
+        os.kill(target, signal.SIGKILL)
+        results[name] = "sent"
+    except OSError as e:
+        results[name] = errno.errorcode.get(e.errno, str(e.errno))
+time.sleep(0.2)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execv("/bin/sleep", ["sleep", "3600"])
+    os._exit(0)
+os.wait()
+with open("marker.tmp", "w") as f:
+    f.write(repr(results))
+os.rename("marker.tmp", "marker")
+print("agent up", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def _stubborn(prefix: str) -> Applied:
+    a = _new(prefix)
+    (a.stack / "agent.py").write_text(STUBBORN_PY)
+    os.chmod(a.stack / "agent.py", 0o644)
+    a.write_policy()
+    proc = a.faramesh("apply")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _wait(lambda: (a.stack / "workspace" / "marker").exists())
+    return a
+
+
+def _uid_processes(uid: int) -> list[int]:
+    """Host scan: every live process with `uid` among its ids, in any PID namespace."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            st = _proc(int(entry))
+            if str(uid) in st["Uid"].split() and not st["State"].startswith(("Z", "X")):
+                found.append(int(entry))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    from faramesh.supervisor.layout import is_zombie_or_gone
+
+    return is_zombie_or_gone(pid)
+
+
+def _stack_cgroup_dirs(a: Applied) -> list[str]:
+    from faramesh.sandbox import cgroups
+    from faramesh.supervisor.layout import stack_cgroup
+
+    seg = stack_cgroup(stack_paths(a.stack, env=a.env).stack_id)
+    return [p for p in cgroups.cgroup_dirs(seg).values() if os.path.exists(p)]
+
+
+def _tagged(a: Applied) -> list[int]:
+    from faramesh.launchers.apply import _tagged_processes
+    from faramesh.supervisor.layout import SupervisorFiles, process_tag
+
+    paths = stack_paths(a.stack, env=a.env)
+    return [
+        pid
+        for pid in _tagged_processes(process_tag(paths.stack_id), f"{SupervisorFiles(paths).agents_dir}/")
+        if not _gone(pid)
+    ]
+
+
+def test_two_stacks_with_the_same_agent_id_have_their_own_cgroups() -> None:
+    from faramesh.sandbox import cgroups
+    from faramesh.supervisor.layout import _stack_slot
+
+    def slot(s: Applied) -> int:
+        return _stack_slot(stack_paths(s.stack, env=s.env).stack_id)
+
+    a, b = _new("faramesh-cga-"), _new("faramesh-cgb-")
+    while slot(b) == slot(a):  # 1 in 256: the two stacks' agents would get the same uid (refused)
+        shutil.rmtree(b.base)
+        b = _new("faramesh-cgb-")
+    try:
+        for s in (a, b):
+            (s.stack / "agent.py").write_text(AGENT_PY)
+            os.chmod(s.stack / "agent.py", 0o644)
+            s.write_policy()
+            proc = s.faramesh("apply")
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        ca, cb = (int(_agent(s)["pid"]) for s in (a, b))  # type: ignore[call-overload]
+        names = []
+        for c1 in (ca, cb):
+            (name,) = {line.split(":", 2)[2] for line in Path(f"/proc/{c1}/cgroup").read_text().splitlines()
+                       if line.split(":", 2)[1] == "pids" or line.startswith("0::")} - {"/"}
+            assert name.startswith("/faramesh/") and name.endswith("/bot"), name
+            names.append(name.removeprefix("/faramesh/"))
+        assert names[0] != names[1]
+        assert all(c1 in cgroups.cgroup_pids(n) for c1, n in zip((ca, cb), names, strict=True))
+        stop = a.faramesh("apply", "--stop")
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert _gone(ca) and _stack_cgroup_dirs(a) == []
+        # The other stack's agent runs on, in its cgroup, which is still there.
+        assert not _gone(cb) and _agent(b)["state"] == "RUNNING" and _agent(b)["pid"] == cb
+        assert cb in cgroups.cgroup_pids(names[1]) and _stack_cgroup_dirs(b) != []
+        assert b.faramesh("status").returncode == 0
+        stop = b.faramesh("apply", "--stop")
+        assert stop.returncode == 0 and _gone(cb) and _stack_cgroup_dirs(b) == []
+    finally:
+        _teardown(a)
+        _teardown(b)
+
+
+def test_kill_all_inside_spares_the_host_and_stop_ends_the_whole_tree_within_the_grace() -> None:
+    from faramesh.supervisor.supervisor import STOP_GRACE
+
+    a = _stubborn("faramesh-stub-")
+    try:
+        # Item 14 (host side): `kill -9 -1` and a SIGKILL to PID 1 inside hurt nothing outside the sandbox.
+        state = a.supervisor_state()
+        sup, zygote = int(state["pid"]), int(state["zygote_pid"])  # type: ignore[call-overload]
+        engine = int(a.status()["pid"])  # type: ignore[call-overload]
+        import ast
+
+        results = ast.literal_eval((a.stack / "workspace" / "marker").read_text())
+        # Made for real: sent, or ESRCH (nothing in its PID namespace it may signal but itself and init).
+        assert results["all"] in ("sent", "ESRCH") and results["init"] in ("sent", "EPERM"), results
+        assert not any(_gone(p) for p in (sup, zygote, engine))
+        assert a.faramesh("status").returncode == 0
+        agent = _agent(a)
+        assert agent["state"] == "RUNNING" and agent["restarts"] == 0
+        uid = int(agent["uid"])  # type: ignore[call-overload]
+        tree = _uid_processes(uid)
+        assert len(tree) >= 2, tree  # the agent and its setsid'd sleep (another session)
+        # Item 21: SIGINT/SIGTERM ignored → SIGKILL after the grace period; nothing of the tree survives.
+        t0 = time.monotonic()
+        stop = subprocess.Popen(
+            [str(Path(sys.executable).with_name("faramesh")), "apply", "--stop", "--dir", str(a.stack)],
+            env=a.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        while _uid_processes(uid) and time.monotonic() - t0 < STOP_GRACE + 10:
+            time.sleep(0.02)
+        took = time.monotonic() - t0
+        out, err = stop.communicate(timeout=60)
+        assert stop.returncode == 0, out + err
+        assert _uid_processes(uid) == [] and all(_gone(p) for p in tree)
+        assert took < STOP_GRACE + 1.5, f"the agent's tree took {took:.2f}s to end"
+        assert all(_gone(p) for p in (sup, zygote, engine))
+        assert _stack_cgroup_dirs(a) == [] and _tagged(a) == []
+        assert _processes_mentioning(str(a.base)) == []
+    finally:
+        _teardown(a)
+
+
+@pytest.mark.parametrize("killed", ["supervisor", "supervisor+zygote"])
+def test_stop_after_a_killed_supervisor_leaves_nothing(killed: str) -> None:
+    a = _stubborn("faramesh-orphan-")
+    try:
+        state = a.supervisor_state()
+        sup, zygote = int(state["pid"]), int(state["zygote_pid"])  # type: ignore[call-overload]
+        c1 = int(_agent(a)["pid"])  # type: ignore[call-overload]
+        engine = int(a.status()["pid"])  # type: ignore[call-overload]
+        uid = int(_agent(a)["uid"])  # type: ignore[call-overload]
+        os.kill(sup, signal.SIGKILL)
+        if killed == "supervisor+zygote":
+            os.kill(zygote, signal.SIGKILL)
+        _, lock = _files(a)
+        from faramesh.supervisor.layout import lock_holder
+
+        _wait(lambda: lock_holder(lock) is None)
+        time.sleep(0.3)
+        assert not _gone(c1) and _uid_processes(uid)  # orphaned, still running
+        stop = a.faramesh("apply", "--stop")
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert "left by a dead supervisor" in stop.stdout, stop.stdout
+        assert all(_gone(p) for p in (sup, zygote, c1, engine))
+        assert _uid_processes(uid) == [] and _tagged(a) == [] and _stack_cgroup_dirs(a) == []
+        assert _processes_mentioning(str(a.base)) == []
+        again = a.faramesh("apply", "--stop")
+        assert again.returncode == 0 and "nothing was running" in again.stdout, again.stdout
     finally:
         _teardown(a)

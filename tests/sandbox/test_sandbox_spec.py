@@ -50,12 +50,32 @@ def test_valid_spec_is_frozen() -> None:
         {"seccomp_bpf": b""},
         {"seccomp_bpf": b"\0" * 9},
         {"inside_uid": 0},
+        {"cgroup_name": ""},
+        {"cgroup_name": "../x"},
+        {"cgroup_name": "a//b"},
+        {"cgroup_name": "stack-1/"},
+        {"cgroup_name": "/abs"},
+        {"cgroup_name": "a/b/c/d/e"},
+        {"cgroup_name": "stack/.."},
     ],
 )
 def test_invalid_specs_are_refused(change: dict[str, Any]) -> None:
     with pytest.raises(SpecError) as e:
         SandboxSpec(**{**BASE, **change})
     assert e.value.code == "SANDBOX_SPEC_INVALID"
+
+
+def test_cgroup_name_defaults_to_the_agent_id_and_round_trips() -> None:
+    from faramesh.sandbox.launch import spec_from_json, spec_to_json
+
+    plain = SandboxSpec(**BASE)
+    assert plain.cgroup_name is None and plain.cgroup == "support-bot"
+    qualified = SandboxSpec(**BASE, cgroup_name="stack-0123abcd/support-bot")
+    assert qualified.cgroup == "stack-0123abcd/support-bot" and qualified != plain
+    for spec in (plain, qualified):
+        assert spec_from_json(spec_to_json(spec)) == spec
+    assert dataclasses.replace(qualified, cgroup_name=None) == plain
+    assert "cgroup_name" in {f.name for f in dataclasses.fields(plain)}
 
 
 def test_off_profile_needs_no_bpf() -> None:
