@@ -29,8 +29,8 @@ from typing import IO, Any
 import orjson
 from faramesh.engine.paths import StackPaths
 from faramesh.engine.wal.dpr import NonCanonicalArgs, canonical_bytes, chain_hash
-from faramesh.engine.wal.store import Checkpoint, NotAWal, SqliteReader, StoredRecord
-from faramesh.engine.wal.verify import VerifyReport, verify_chain
+from faramesh.engine.wal.store import Checkpoint, NotAWal, RecordRow, SqliteReader, StoredRecord
+from faramesh.engine.wal.verify import _AS_ROW, VerifyReport, verify_chain
 
 BUNDLE_FORMAT = "faramesh.audit-bundle/v1"
 SEGMENT_PROOF_LIMIT = 100_000  # `show`/`explain` re-walk at most this many records up to the checkpoint
@@ -310,6 +310,14 @@ class _Readable:
     def __iter__(self) -> Iterator[StoredRecord]:
         try:
             yield from self.records
+        except sqlite3.DatabaseError as exc:
+            self.error = str(exc)
+
+    def rows(self) -> Iterator[RecordRow]:
+        """The same walk as plain rows (`StoredRecord` field order), when the reader offers them."""
+        rows = getattr(self.records, "rows", None)
+        try:
+            yield from (rows() if callable(rows) else map(_AS_ROW, self.records))
         except sqlite3.DatabaseError as exc:
             self.error = str(exc)
 

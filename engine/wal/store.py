@@ -407,6 +407,57 @@ def _stored(row: tuple[Any, ...]) -> StoredRecord:
     )  # fmt: skip
 
 
+RecordRow = tuple[int, str, str, str | None, str | None, str | None, str | None, str | None, str, bytes, str]
+_FETCH = 8192
+_CLEAN = (
+    "(typeof(seq) = 'integer' AND typeof(id) = 'text' AND typeof(time) = 'text'"
+    + "".join(f" AND typeof({c}) IN ('text', 'null')" for c in ("agent_id", "tool", "effect", "code", "approval_id"))
+    + " AND typeof(action_type) = 'text' AND typeof(body) = 'blob' AND typeof(record_hash) = 'text')"
+)
+
+
+def _row(row: tuple[Any, ...]) -> RecordRow:
+    """A row `_CLEAN` did not vouch for, normalised exactly as `_stored` does."""
+    r = _stored(row)
+    return (r.seq, r.id, r.time, r.agent_id, r.tool, r.effect, r.code, r.approval_id, r.action_type, r.body,
+            r.record_hash)  # fmt: skip
+
+
+class RecordStream:
+    """An iterator of `StoredRecord`s that can instead hand over its rows as plain tuples (`rows()`,
+    field order of `StoredRecord`): one or the other, once."""
+
+    __slots__ = ("_records", "_rows")
+
+    def __init__(self, rows: Iterator[RecordRow]) -> None:
+        self._rows: Iterator[RecordRow] | None = rows
+        self._records: Iterator[StoredRecord] | None = None
+
+    def rows(self) -> Iterator[RecordRow]:
+        rows = self._rows
+        if rows is None or self._records is not None:
+            raise RuntimeError("this record stream is already being read")
+        self._rows = None
+        return rows
+
+    def __iter__(self) -> RecordStream:
+        return self
+
+    def __next__(self) -> StoredRecord:
+        if self._records is None:
+            rows = self._rows
+            if rows is None:
+                raise RuntimeError("this record stream was handed over as rows")
+            self._records = (StoredRecord(*row) for row in rows)
+        return next(self._records)
+
+    def close(self) -> None:
+        for it in (self._rows, self._records):
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
 def _lenient(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
@@ -481,21 +532,30 @@ class SqliteReader:
         assert row is not None
         return int(row[0]), int(row[1]), int(row[2])
 
-    def records(self, from_seq: int = 1, to_seq: int | None = None) -> Iterator[StoredRecord]:
+    def records(self, from_seq: int = 1, to_seq: int | None = None) -> RecordStream:
         """Records in seq order. Text that is not UTF-8 (a damaged file) is read with replacement
-        characters rather than stopping the walk, so the check that follows names the record."""
+        characters rather than stopping the walk, so the check that follows names the record.
+
+        The stream also offers `rows()`: the same records as plain tuples in `StoredRecord` field order
+        (what `verify_chain` walks, without building a dataclass per record)."""
+        return RecordStream(self._record_rows(from_seq, to_seq))
+
+    def _record_rows(self, from_seq: int, to_seq: int | None) -> Iterator[RecordRow]:
         last = from_seq - 1
         while True:
             try:
+                # `clean`: every column already has the Python type `_stored` would give it (SQLite
+                # checks that in C), so the row is used as it is; any other row goes through `_stored`.
                 cur = self._conn.execute(
-                    f"SELECT {_RECORD_COLS} FROM records WHERE seq > ? AND seq <= ? ORDER BY seq",
+                    f"SELECT {_RECORD_COLS}, {_CLEAN} FROM records WHERE seq > ? AND seq <= ? ORDER BY seq",
                     (last, to_seq if to_seq is not None else 2**62),
                 )
-                while rows := cur.fetchmany(4096):
+                fetch = cur.fetchmany
+                while rows := fetch(_FETCH):
                     for row in rows:
-                        rec = _stored(row)
-                        last = rec.seq
-                        yield rec
+                        out = row[:11] if row[11] else _row(row)
+                        last = out[0]
+                        yield out
                 return
             except sqlite3.OperationalError as exc:
                 if "decode" not in str(exc) or self._conn.text_factory is _lenient:

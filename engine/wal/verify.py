@@ -15,14 +15,15 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from faramesh.engine.wal.dpr import NonCanonicalArgs, canonical_bytes, genesis_hash
 from faramesh.engine.wal.signer import checkpoint_message, fingerprint, verify_signature
-from faramesh.engine.wal.store import Checkpoint, StoredRecord
+from faramesh.engine.wal.store import Checkpoint, RecordRow, StoredRecord
 
 _INDEXED = ("id", "time", "agent_id", "tool", "effect", "code", "approval_id")
 PROGRESS_EVERY = 50_000
@@ -70,6 +71,56 @@ def _as_numbers(node: Any) -> Any:
     if t is list:
         return [_as_numbers(v) for v in node]
     return node
+
+
+_PICK = operator.itemgetter(
+    "prev_record_hash",
+    "seq",
+    "chain_id",
+    "id",
+    "time",
+    "agent_id",
+    "tool",
+    "effect",
+    "code",
+    "approval_id",
+    "action_type",
+)
+_AS_ROW = operator.attrgetter(
+    "seq", "id", "time", "agent_id", "tool", "effect", "code", "approval_id", "action_type", "body", "record_hash"
+)
+
+
+def _rows_of(records: Iterable[StoredRecord]) -> Iterator[RecordRow]:
+    """The records as tuples in `StoredRecord` field order: straight from a reader that offers them
+    (`SqliteReader.records()`), else taken from each `StoredRecord`."""
+    rows = getattr(records, "rows", None)
+    if callable(rows):
+        return cast("Iterator[RecordRow]", rows())
+    return map(_AS_ROW, records)
+
+
+def _record_problem(data: dict[str, Any], row: RecordRow, prev: str, chain_id: str) -> str | None:
+    """The record checks one by one, in order: the first that fails, or None when all pass."""
+    seq, rid, time, agent_id, tool, effect, code, approval_id, action_type, body, record_hash = row
+    get = data.get
+    if get("prev_record_hash") != prev:
+        return "prev_record_hash does not link to the previous record"
+    if get("seq") != seq or get("chain_id") != chain_id:
+        return "seq or chain_id in the body differs from its position"
+    try:
+        digest = hashlib.sha256(bytes.fromhex(prev) + body).hexdigest()
+    except ValueError:  # only a start_prev_hash taken from a damaged record_hash column
+        return "the hash it links to is not a SHA-256 hex digest"
+    if digest != record_hash:
+        return "record_hash does not match the stored bytes"
+    if not is_canonical(data, body):
+        return "stored bytes are not canonical (RFC 8785)"
+    columns = (rid, time, agent_id, tool, effect, code, approval_id, action_type)
+    if (*(get(c) for c in _INDEXED), get("action_type", "tool_call")) != columns:
+        col = next((c for c, v in zip(_INDEXED, columns, strict=False) if get(c) != v), "action_type")
+        return f"indexed column `{col}` differs from the record body"
+    return None
 
 
 @dataclass
@@ -155,15 +206,15 @@ def verify_chain(
     pending.reverse()  # pop() from the end: the next checkpoint in chain order
     report.signed_through = previous_cp
     keys_used: dict[str, None] = {}
-    sha256 = hashlib.sha256
-    loads = orjson.loads
 
     def fail(seq: int | None, record_id: str | None, kind: str, problem: str) -> VerifyReport:
+        report.records = expected_seq - start_seq  # the walk stops at the first offender: all before it passed
+        report.first_seq = start_seq if report.records else None
         report.offender_seq, report.offender_id, report.offender_kind, report.problem = seq, record_id, kind, problem
         report.keys_used = list(keys_used)
         return report
 
-    def check_checkpoint(cp: Checkpoint, rec: StoredRecord, digest: str) -> str | None:
+    def check_checkpoint(cp: Checkpoint, digest: str) -> str | None:
         nonlocal previous_cp
         if cp.head_hash != digest:
             return f"checkpoint at seq {cp.seq} does not match the chain head there"
@@ -191,54 +242,84 @@ def verify_chain(
         previous_cp = cp.seq
         return None
 
+    # The walk. Per record, one pass: every field the checks read is picked from the body at once and
+    # compared with what it must be as one tuple, beside the hash and the canonical-bytes check; only
+    # when any of them fails (or a field is absent) does `_record_problem` redo the checks one by one,
+    # in the documented order, to name the first that fails.
+    rows = _rows_of(records)
+    sha256 = hashlib.sha256
+    loads = orjson.loads
+    dumps = orjson.dumps
+    decode_error = orjson.JSONDecodeError
+    encode_error = orjson.JSONEncodeError
+    pick = _PICK
+    no_floats = _no_floats
+    fast = _FAST
+    try:
+        prev_raw: bytes | None = bytes.fromhex(prev)
+    except ValueError:  # only a start_prev_hash taken from a damaged record_hash column
+        prev_raw = None
     next_cp = pending[-1].seq if pending else None
-    last: StoredRecord | None = None
-    for rec in records:
-        seq = rec.seq
+    every = progress_every if progress is not None and progress_every > 0 else 0
+    next_progress = start_seq + every - 1 if every else None
+    big = 2**63
+    next_event = min(next_cp if next_cp is not None else big, next_progress if next_progress is not None else big)
+    for row in rows:
+        seq, rid, time, agent_id, tool, effect, code, approval_id, action_type, body, record_hash = row
         if seq != expected_seq:
-            return fail(seq, rec.id, "record", f"sequence gap: expected seq {expected_seq}, found {seq}")
-        body = rec.body
+            return fail(seq, rid, "record", f"sequence gap: expected seq {expected_seq}, found {seq}")
         try:
             data = loads(body)
-        except orjson.JSONDecodeError:
-            return fail(seq, rec.id, "record", "stored bytes are not JSON")
+        except decode_error:
+            return fail(seq, rid, "record", "stored bytes are not JSON")
         if type(data) is not dict:
-            return fail(seq, rec.id, "record", "stored bytes are not a JSON object")
-        if data.get("prev_record_hash") != prev:
-            return fail(seq, rec.id, "record", "prev_record_hash does not link to the previous record")
-        if data.get("seq") != seq or data.get("chain_id") != chain_id:
-            return fail(seq, rec.id, "record", "seq or chain_id in the body differs from its position")
+            return fail(seq, rid, "record", "stored bytes are not a JSON object")
         try:
-            digest = sha256(bytes.fromhex(prev) + body).hexdigest()
-        except ValueError:  # only a start_prev_hash taken from a damaged record_hash column
-            return fail(seq, rec.id, "record", "the hash it links to is not a SHA-256 hex digest")
-        if digest != rec.record_hash:
-            return fail(seq, rec.id, "record", "record_hash does not match the stored bytes")
-        if not is_canonical(data, body):
-            return fail(seq, rec.id, "record", "stored bytes are not canonical (RFC 8785)")
-        get = data.get
-        if (get("id"), get("time"), get("agent_id"), get("tool"), get("effect"), get("code"), get("approval_id"),
-                get("action_type", "tool_call")) != (rec.id, rec.time, rec.agent_id, rec.tool, rec.effect, rec.code,
-                                                     rec.approval_id, rec.action_type):  # fmt: skip
-            col = next((c for c in _INDEXED if get(c) != getattr(rec, c)), "action_type")
-            return fail(seq, rec.id, "record", f"indexed column `{col}` differs from the record body")
-        while next_cp is not None and next_cp <= seq:
-            cp = pending.pop()
-            next_cp = pending[-1].seq if pending else None
-            if cp.seq < seq:  # only when checkpoints share a seq or name one outside the records
-                return fail(cp.seq, None, "checkpoint", f"checkpoint at seq {cp.seq} has no record to cover")
-            problem = check_checkpoint(cp, rec, digest)
+            fields = pick(data)
+        except KeyError:
+            fields = None
+        if prev_raw is None:  # a start_prev_hash that is not hex: the checks one by one name the problem
+            problem = _record_problem(data, row, prev, chain_id)
+            return fail(seq, rid, "record", problem or "the hash it links to is not a SHA-256 hex digest")
+        h = sha256(prev_raw)
+        h.update(body)
+        digest = h.hexdigest()
+        if body.isascii() and no_floats(data):
+            try:
+                canonical = dumps(data, option=fast) == body
+            except encode_error:
+                canonical = is_canonical(data, body)
+        else:
+            canonical = is_canonical(data, body)
+        if (
+            not canonical
+            or digest != record_hash
+            or fields != (prev, seq, chain_id, rid, time, agent_id, tool, effect, code, approval_id, action_type)
+        ):
+            problem = _record_problem(data, row, prev, chain_id)
             if problem is not None:
-                return fail(cp.seq, rec.id, "checkpoint", problem)
+                return fail(seq, rid, "record", problem)
+            digest = record_hash  # every check passed one by one: a field was absent (read as null)
+        if seq >= next_event:
+            while next_cp is not None and next_cp <= seq:
+                cp = pending.pop()
+                next_cp = pending[-1].seq if pending else None
+                if cp.seq < seq:  # only when checkpoints share a seq or name one outside the records
+                    return fail(cp.seq, None, "checkpoint", f"checkpoint at seq {cp.seq} has no record to cover")
+                problem = check_checkpoint(cp, digest)
+                if problem is not None:
+                    return fail(cp.seq, rid, "checkpoint", problem)
+            if next_progress is not None and seq >= next_progress:
+                assert progress is not None
+                progress(seq - start_seq + 1)
+                next_progress += every
+            next_event = min(next_cp if next_cp is not None else big, next_progress or big)
         prev = digest
+        prev_raw = bytes.fromhex(digest)
         expected_seq += 1
-        report.records += 1
-        if report.first_seq is None:
-            report.first_seq = seq
-        last = rec
-        if progress is not None and report.records % progress_every == 0:
-            progress(report.records)
-    report.last_seq = last.seq if last is not None else None
+    report.records = expected_seq - start_seq
+    report.first_seq = start_seq if report.records else None
+    report.last_seq = expected_seq - 1 if report.records else None
     report.head_hash = prev
     report.keys_used = list(keys_used)
     if pending:
