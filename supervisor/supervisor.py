@@ -491,13 +491,13 @@ class Supervisor:
         }
 
 
-def start_engine(stack: Path, files: SupervisorFiles) -> subprocess.Popen[bytes]:
-    """`faramesh serve --dir STACK` detached: its own session, no death signal, output to engine.log."""
-    files.engine_log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(files.engine_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def _start_detached(command: str, stack: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`faramesh <command> --dir STACK` detached: its own session, no death signal, output to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "faramesh.launchers.main", "serve", "--dir", str(stack)],
+            [sys.executable, "-m", "faramesh.launchers.main", command, "--dir", str(stack)],
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=fd,
@@ -506,22 +506,14 @@ def start_engine(stack: Path, files: SupervisorFiles) -> subprocess.Popen[bytes]
         )
     finally:
         os.close(fd)
+
+
+def start_engine(stack: Path, files: SupervisorFiles) -> subprocess.Popen[bytes]:
+    return _start_detached("serve", stack, files.engine_log)
 
 
 def start_supervisor(stack: Path, files: SupervisorFiles) -> subprocess.Popen[bytes]:
-    files.supervisor_log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(files.supervisor_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "faramesh.launchers.main", "supervise", "--dir", str(stack)],
-            stdin=subprocess.DEVNULL,
-            stdout=fd,
-            stderr=fd,
-            start_new_session=True,
-            cwd="/",
-        )
-    finally:
-        os.close(fd)
+    return _start_detached("supervise", stack, files.supervisor_log)
 
 
 def install_agent_specs(stack: Path, files: SupervisorFiles, plans: list[AgentPlan]) -> None:
