@@ -177,7 +177,44 @@ def process_tag(stack_id: str) -> str:
 
 
 def _stack_slot(stack_id: str) -> int:
+    """The slot a stack prefers (a hash of its id); `allocate_slot` moves it on when that is taken."""
     return int(hashlib.sha256(stack_id.encode()).hexdigest()[:8], 16) % UID_STACK_SLOTS
+
+
+def allocate_slot(paths: StackPaths) -> int:
+    """The stack's uid slot, recorded in `<state root>/uid-slots.json` under flock, so two stacks on one
+    host never get the same agent uids: the preferred slot, else the next free one. A stack keeps its
+    slot across applies (its workspace is owned by those uids)."""
+    registry = paths.state_dir.parent / "uid-slots.json"
+    registry.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(registry, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "r+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            data = json.loads(fh.read() or "{}")
+        except ValueError:
+            data = {}
+        slots = data.get("slots") if isinstance(data, dict) else None
+        if not isinstance(slots, dict):
+            slots = {}
+        mine = slots.get(paths.stack_id)
+        if isinstance(mine, int) and 0 <= mine < UID_STACK_SLOTS:
+            return mine
+        taken = {v for v in slots.values() if isinstance(v, int)}
+        start = _stack_slot(paths.stack_id)
+        for step in range(UID_STACK_SLOTS):
+            slot = (start + step) % UID_STACK_SLOTS
+            if slot not in taken:
+                break
+        else:
+            raise ValueError(f"all {UID_STACK_SLOTS} agent uid slots are taken ({registry})")
+        slots[paths.stack_id] = slot
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"slots": slots}, sort_keys=True, indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
+        return slot
 
 
 def plan_agents(stack: Path, policy: CompiledPolicy, paths: StackPaths) -> list[AgentPlan]:
@@ -195,7 +232,7 @@ def plan_agents(stack: Path, policy: CompiledPolicy, paths: StackPaths) -> list[
     if not workspace.is_absolute():
         workspace = stack / workspace
     workspace = Path(os.path.normpath(workspace))
-    slot = _stack_slot(paths.stack_id)
+    slot = allocate_slot(paths)
     plans = []
     for index, agent_id in enumerate(sorted(policy.agents)):
         command = policy.agents[agent_id].command or (supervised if len(policy.agents) == 1 else None)
