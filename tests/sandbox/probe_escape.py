@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 
+from probe_common import append, confinement, err, read  # beside this file in the sandbox
+
 NR = {
     "x86_64": {"ptrace": 101, "unshare": 272, "mount": 165, "clone3": 435, "socket": 41, "io_uring_setup": 425},
     "aarch64": {"ptrace": 117, "unshare": 97, "mount": 40, "clone3": 435, "socket": 198, "io_uring_setup": 425},
@@ -29,45 +31,6 @@ def raw(name, *args):
     ctypes.set_errno(0)
     rc = libc.syscall(ctypes.c_long(NR[name]), *conv)
     return ctypes.get_errno() if rc == -1 else 0
-
-
-def err(fn):
-    try:
-        fn()
-        return 0
-    except OSError as e:
-        return e.errno or -1
-
-
-def read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def append(path):
-    with open(path, "ab") as f:
-        f.write(b"x")
-
-
-def status():
-    out = {}
-    for line in read("/proc/self/status").decode().splitlines():
-        k, _, v = line.partition(":")
-        out[k] = v.strip()
-    return out
-
-
-def confinement(cfg):
-    st = status()
-    checks = {
-        "own_pidns": os.readlink("/proc/self/ns/pid") != cfg["host_pidns"] and os.getppid() == 1,
-        "no_new_privs": st.get("NoNewPrivs") == "1",
-        "seccomp": st.get("Seccomp") == "2",
-        "caps_zero": all(int(st[k], 16) == 0 for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")),
-        # Landlock: / is an ordinary readable tmpfs, but no rule grants READ_DIR on it.
-        "landlock": err(lambda: os.listdir("/")) == 13,
-    }
-    return checks
 
 
 def attempts(cfg):

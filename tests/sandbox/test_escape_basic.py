@@ -91,8 +91,9 @@ def _host_status(pid: int) -> dict[str, str]:
 
 
 def _run_probe(pkg_root: str, s: Stack, listener: _Listener, *, unprivileged: bool) -> tuple[dict, dict]:
-    shutil.copy(PROBE, os.path.join(s.stack, "probe_escape.py"))  # the stack is visible read-only inside
-    os.chmod(os.path.join(s.stack, "probe_escape.py"), 0o644)
+    for probe in (PROBE, PROBE.with_name("probe_common.py")):  # the stack is visible read-only inside
+        shutil.copy(probe, os.path.join(s.stack, probe.name))
+        os.chmod(os.path.join(s.stack, probe.name), 0o644)
     cfg = {
         "host_pidns": os.readlink("/proc/self/ns/pid"),
         "sentinel": SENTINEL,
@@ -203,6 +204,7 @@ def test_probe_refuses_outside_a_sandbox(tmp_path: Path) -> None:
 
 
 def test_probe_source_is_stdlib_only() -> None:
-    text = PROBE.read_text()
-    assert "faramesh" not in text.split('"""', 2)[2].split("def ")[0]
+    for probe in (PROBE, PROBE.with_name("probe_common.py")):
+        text = probe.read_text()
+        assert "faramesh" not in text.split('"""', 2)[2].split("def ")[0]
     _ = tempfile  # (temp dirs come from make_stack)

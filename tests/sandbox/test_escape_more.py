@@ -222,8 +222,9 @@ def _run_main(pkg_root: str, s: Stack, host: HostSide, *, unprivileged: bool, st
     submount = None if stack_is_workspace or not IS_ROOT else os.path.join(s.stack, "ro-sub")
     probe_dir = os.path.join(s.stack, "probe")
     os.makedirs(probe_dir, exist_ok=True)
-    shutil.copy(PROBE, os.path.join(probe_dir, "probe_escape_more.py"))
-    os.chmod(os.path.join(probe_dir, "probe_escape_more.py"), 0o644)
+    for probe in (PROBE, PROBE.with_name("probe_common.py")):
+        shutil.copy(probe, os.path.join(probe_dir, probe.name))
+        os.chmod(os.path.join(probe_dir, probe.name), 0o644)
     cfg = {
         "mode": "main",
         "host_pidns": os.readlink("/proc/self/ns/pid"),
@@ -468,8 +469,9 @@ def test_resource_exhaustion_is_contained(pkg_root: str, unprivileged: bool) -> 
     s = make_stack(uid, **kw)
     try:
         probe = os.path.join(s.stack, "probe_escape_more.py")
-        shutil.copy(PROBE, probe)
-        os.chmod(probe, 0o644)
+        for source in (PROBE, PROBE.with_name("probe_common.py")):
+            shutil.copy(source, os.path.join(s.stack, source.name))
+            os.chmod(os.path.join(s.stack, source.name), 0o644)
         cfg = {"mode": "limits", "host_pidns": os.readlink("/proc/self/ns/pid")}
         cmd = launcher_cmd(pkg_root, s, [PYTHON, probe, json.dumps(cfg), "m"],
                            unprivileged_uid=uid if unprivileged else None)
