@@ -96,6 +96,21 @@ class Applied:
         return json.loads((paths.runtime_dir / "supervisor.json").read_text())  # type: ignore[no-any-return]
 
 
+def new_applied(prefix: str) -> Applied:
+    """A fresh stack directory under /tmp (never the checkout) with its own state, runtime and log dirs."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(base, 0o755)
+    stack = base / "stack"
+    stack.mkdir(mode=0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARAMESH_")}
+    env.update(
+        FARAMESH_STATE_DIR=str(base / "state"),
+        FARAMESH_RUNTIME_DIR=str(base / "run"),
+        FARAMESH_LOG_DIR=str(base / "log"),
+    )
+    return Applied(base, stack, env)
+
+
 def _clear_flags(root: Path) -> None:
     from faramesh.sandbox.immutable import clear_immutable
 
@@ -135,17 +150,8 @@ def _proc_status(pid: int) -> dict[str, str]:
 def applied() -> Iterator[Applied]:
     if not IS_ROOT:
         pytest.skip("apply launches agents under their own uids: root only")
-    base = Path(tempfile.mkdtemp(prefix="faramesh-apply-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    stack = base / "stack"
-    stack.mkdir(mode=0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FARAMESH_")}
-    env.update(
-        FARAMESH_STATE_DIR=str(base / "state"),
-        FARAMESH_RUNTIME_DIR=str(base / "run"),
-        FARAMESH_LOG_DIR=str(base / "log"),
-    )
-    a = Applied(base, stack, env)
+    a = new_applied("faramesh-apply-")
+    base, stack = a.base, a.stack
     (stack / "agent.py").write_text(AGENT_PY)
     os.chmod(stack / "agent.py", 0o644)
     a.write_policy()
@@ -303,17 +309,8 @@ def test_backoff_doubles_to_a_minute_and_a_crash_loop_is_fatal() -> None:
 def test_an_agent_that_dies_at_once_fails_the_apply_with_its_log(tmp_path: Path) -> None:
     if not IS_ROOT:
         pytest.skip("apply launches agents under their own uids: root only")
-    base = Path(tempfile.mkdtemp(prefix="faramesh-apply-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    stack = base / "stack"
-    stack.mkdir(mode=0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FARAMESH_")}
-    env.update(
-        FARAMESH_STATE_DIR=str(base / "state"),
-        FARAMESH_RUNTIME_DIR=str(base / "run"),
-        FARAMESH_LOG_DIR=str(base / "log"),
-    )
-    a = Applied(base, stack, env)
+    a = new_applied("faramesh-apply-")
+    base, stack = a.base, a.stack
     a.write_policy(
         raw=POLICY.replace("immutable_config = true", "immutable_config = false")
         % {"agent": "/nonexistent/agent.py", "extra": ""}

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,24 +19,10 @@ from pathlib import Path
 import pytest
 from faramesh.engine.paths import stack_paths
 from faramesh.supervisor.control import request
-from test_apply import AGENT_PY, Applied, _clear_flags, _processes_mentioning
+from test_apply import AGENT_PY, Applied, _clear_flags, _processes_mentioning, new_applied
 
 IS_ROOT = os.geteuid() == 0
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the supervisor launches agents under their own uids")
-
-
-def _new(prefix: str) -> Applied:
-    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    os.chmod(base, 0o755)
-    stack = base / "stack"
-    stack.mkdir(mode=0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FARAMESH_")}
-    env.update(
-        FARAMESH_STATE_DIR=str(base / "state"),
-        FARAMESH_RUNTIME_DIR=str(base / "run"),
-        FARAMESH_LOG_DIR=str(base / "log"),
-    )
-    return Applied(base, stack, env)
 
 
 def _teardown(a: Applied) -> None:
@@ -96,7 +81,7 @@ def _agent(a: Applied) -> dict[str, object]:
 def running() -> Iterator[Applied]:
     if not IS_ROOT:
         pytest.skip("root only")
-    a = _new("faramesh-sup-")
+    a = new_applied("faramesh-sup-")
     (a.stack / "agent.py").write_text(AGENT_PY)
     os.chmod(a.stack / "agent.py", 0o644)
     a.write_policy()
@@ -204,7 +189,7 @@ agent "bot" {
 
 
 def test_a_crash_loop_is_fatal_and_a_killed_supervisor_is_degraded() -> None:
-    a = _new("faramesh-crash-")
+    a = new_applied("faramesh-crash-")
     a.write_policy(raw=CRASHING)
     try:
         proc = a.faramesh("apply")
@@ -259,7 +244,7 @@ while True:
 
 
 def _stubborn(prefix: str) -> Applied:
-    a = _new(prefix)
+    a = new_applied(prefix)
     (a.stack / "agent.py").write_text(STUBBORN_PY)
     os.chmod(a.stack / "agent.py", 0o644)
     a.write_policy()
@@ -315,10 +300,10 @@ def test_two_stacks_with_the_same_agent_id_have_their_own_cgroups() -> None:
     def slot(s: Applied) -> int:
         return _stack_slot(stack_paths(s.stack, env=s.env).stack_id)
 
-    a, b = _new("faramesh-cga-"), _new("faramesh-cgb-")
+    a, b = new_applied("faramesh-cga-"), new_applied("faramesh-cgb-")
     while slot(b) == slot(a):  # 1 in 256: the two stacks' agents would get the same uid (refused)
         shutil.rmtree(b.base)
-        b = _new("faramesh-cgb-")
+        b = new_applied("faramesh-cgb-")
     try:
         for s in (a, b):
             (s.stack / "agent.py").write_text(AGENT_PY)
@@ -329,8 +314,11 @@ def test_two_stacks_with_the_same_agent_id_have_their_own_cgroups() -> None:
         ca, cb = (int(_agent(s)["pid"]) for s in (a, b))  # type: ignore[call-overload]
         names = []
         for c1 in (ca, cb):
-            (name,) = {line.split(":", 2)[2] for line in Path(f"/proc/{c1}/cgroup").read_text().splitlines()
-                       if line.split(":", 2)[1] == "pids" or line.startswith("0::")} - {"/"}
+            (name,) = {
+                line.split(":", 2)[2]
+                for line in Path(f"/proc/{c1}/cgroup").read_text().splitlines()
+                if line.split(":", 2)[1] == "pids" or line.startswith("0::")
+            } - {"/"}
             assert name.startswith("/faramesh/") and name.endswith("/bot"), name
             names.append(name.removeprefix("/faramesh/"))
         assert names[0] != names[1]
@@ -374,7 +362,11 @@ def test_kill_all_inside_spares_the_host_and_stop_ends_the_whole_tree_within_the
         t0 = time.monotonic()
         stop = subprocess.Popen(
             [str(Path(sys.executable).with_name("faramesh")), "apply", "--stop", "--dir", str(a.stack)],
-            env=a.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=a.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         while _uid_processes(uid) and time.monotonic() - t0 < STOP_GRACE + 10:
             time.sleep(0.02)

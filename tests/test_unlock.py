@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from engine_harness import InProcessEngine, compile_policy, make_stack, short_tmpdir
 from faramesh.engine.paths import stack_paths
+from test_apply import _clear_flags
 
 IS_ROOT = os.geteuid() == 0
 CONSOLE_SCRIPT = Path(sys.executable).with_name("faramesh")
@@ -127,17 +128,6 @@ class Stack:
     def flagged(self, path: Path) -> bool:
         out = subprocess.run(["lsattr", "-d", str(path)], capture_output=True, text=True, check=True).stdout
         return "i" in out.split()[0]
-
-
-def _clear_flags(root: Path) -> None:
-    from faramesh.sandbox.immutable import clear_immutable
-
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                with contextlib.suppress(Exception):
-                    clear_immutable(path)
 
 
 @pytest.fixture
