@@ -26,7 +26,7 @@ from faramesh.engine.policy.limits import (
     spend_rate,
 )
 from faramesh.engine.policy.model import Agent, CompiledPolicy
-from faramesh.engine.policy.toolid import glob_to_regex
+from faramesh.engine.policy.toolid import glob_matches
 from faramesh.engine.wal.dpr import REDACTED, NonCanonicalArgs, canonical_bytes, digest_of, hmac_hex, redact
 
 DEFAULT_APPROVAL_TTL = 86400
@@ -109,7 +109,6 @@ class EngineState:
         self.approvals: dict[str, Approval] = {}
         self._approval_index: dict[tuple[str, str, str], str] = {}
         self._snapshot = StateSnapshot(MappingProxyType(self.rate), MappingProxyType(self.budgets))
-        self._patterns: dict[str, Any] = {}
         self._egress: dict[str, tuple[Agent, EgressPolicy | EgressConfigError]] = {}
 
     @property
@@ -139,20 +138,12 @@ class EngineState:
         return [a for a in self.approvals.values() if a.effective_status(now) == "PENDING"]
 
     # ---- rate and budget bookkeeping
-    def _matches(self, pattern: str, tool: str) -> bool:
-        if "*" not in pattern:
-            return pattern.lower() == tool
-        regex = self._patterns.get(pattern)
-        if regex is None:
-            regex = self._patterns[pattern] = glob_to_regex(pattern)
-        return regex.fullmatch(tool) is not None
-
     def spend(self, agent_id: str, tool: str, now: float) -> None:
         agent = self.policy.agents.get(agent_id)
         if agent is None:
             return
         for limit in agent.rate_limits:
-            if self._matches(limit.pattern, tool):
+            if glob_matches(limit.pattern, tool):
                 key = (agent_id, limit.pattern)
                 self.rate[key] = spend_rate(limit, self.rate.get(key), now)
 
@@ -227,7 +218,7 @@ class EngineState:
         for limit in agent.rate_limits:
             key = (agent_id, limit.pattern)
             bucket = self.rate.get(key)
-            if bucket is not None and self._matches(limit.pattern, tool):
+            if bucket is not None and glob_matches(limit.pattern, tool):
                 self.rate[key] = RateBucket(min(float(limit.count), bucket.tokens + 1.0), bucket.updated_at)
 
     def expire_reservations(self, now: float) -> None:
@@ -358,7 +349,7 @@ class EngineState:
         agent = self.policy.agents.get(agent_id)
         paths: tuple[str, ...] = ()
         if agent is not None and decision.tool is not None:
-            paths = tuple(p for r in agent.redactions if self._matches(r.pattern, decision.tool) for p in r.paths)
+            paths = tuple(p for r in agent.redactions if glob_matches(r.pattern, decision.tool) for p in r.paths)
         # Args are digested and kept for replay only when the policy identified the agent and the tool,
         # so its redactions applied. A call it could not identify gets neither: storing or hashing its
         # raw args would put fields a redaction exists to protect (a card number) on disk, or a hash of

@@ -17,7 +17,7 @@ from typing import Any
 
 from faramesh.engine.policy.limits import EMPTY_STATE, StateSnapshot, check_budget, check_rate, estimate_cost_cents
 from faramesh.engine.policy.model import Agent, CompiledPolicy, Rule
-from faramesh.engine.policy.toolid import canonical_tool_id, glob_to_regex
+from faramesh.engine.policy.toolid import canonical_tool_id, glob_matches
 
 PERMIT, DEFER, DENY = "PERMIT", "DEFER", "DENY"
 _EFFECTS = {"permit": PERMIT, "defer": DEFER, "deny": DENY}
@@ -106,7 +106,7 @@ def _apply_limits(
         return _deny("INVALID_REQUEST", "rate limits and budgets need the request time", decision.tool)
     tool = decision.tool or ""
     for limit in agent.rate_limits:
-        if not _pattern_matches(limit.pattern, tool):
+        if not glob_matches(limit.pattern, tool):
             continue
         result = check_rate(limit, state.rate.get((agent.agent_id, limit.pattern)), float(now))
         if not result.allowed:
@@ -149,18 +149,6 @@ def _apply_limits(
             budget_warn=True,
         )
     return decision
-
-
-_PATTERN_CACHE: dict[str, Any] = {}
-
-
-def _pattern_matches(pattern: str, tool: str) -> bool:
-    if "*" not in pattern:
-        return pattern.lower() == tool
-    regex = _PATTERN_CACHE.get(pattern)
-    if regex is None:
-        regex = _PATTERN_CACHE[pattern] = glob_to_regex(pattern)
-    return regex.fullmatch(tool) is not None
 
 
 def evaluate(policy: CompiledPolicy, request: Mapping[str, Any], state: StateSnapshot | None = None) -> Decision:

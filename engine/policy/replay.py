@@ -16,7 +16,6 @@ from faramesh.engine.policy.evaluate import (
     DEFER,
     Decision,
     _decide_rules,
-    _pattern_matches,
     _time_fields,
     candidates,
     evaluate,
@@ -24,7 +23,7 @@ from faramesh.engine.policy.evaluate import (
 from faramesh.engine.policy.limits import EMPTY_STATE, StateSnapshot, check_budget, check_rate, estimate_cost_cents
 from faramesh.engine.policy.model import CompiledPolicy
 from faramesh.engine.policy.render import condition_text
-from faramesh.engine.policy.toolid import canonical_tool_id
+from faramesh.engine.policy.toolid import canonical_tool_id, glob_matches
 from faramesh.engine.wal.dpr import REDACTED
 
 # ------------------------------------------------------------------------------------------- explain
@@ -230,7 +229,7 @@ def _limit_states(
     out: list[LimitState] = []
     when = float(now) if type(now) in (int, float) else None
     for limit in agent.rate_limits:
-        if not _pattern_matches(limit.pattern, tool):
+        if not glob_matches(limit.pattern, tool):
             continue
         bucket = state.rate.get((agent.agent_id, limit.pattern))
         detail: dict[str, Any] = {"capacity": limit.count, "unit": limit.unit}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 
 MAX_TOOL_ID_LENGTH = 256
 _CANONICAL_RE = re.compile(r"[A-Za-z0-9_.:@+\-]+(?:/[A-Za-z0-9_.:@+\-]+)*")
@@ -52,6 +53,19 @@ def glob_problem(pattern: str) -> str | None:
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
     parts = (re.escape(p) for p in pattern.lower().split("*"))
     return re.compile(".*".join(parts), re.DOTALL)
+
+
+@lru_cache(maxsize=4096)
+def _compiled_glob(pattern: str) -> re.Pattern[str]:
+    return glob_to_regex(pattern)
+
+
+def glob_matches(pattern: str, tool: str) -> bool:
+    """Does the (lower-cased canonical) `tool` match `pattern`? Patterns come from the policy, so the
+    compiled-regex cache is bounded by it (and by maxsize)."""
+    if "*" not in pattern:
+        return pattern.lower() == tool
+    return _compiled_glob(pattern).fullmatch(tool) is not None
 
 
 def glob_prefix(pattern: str) -> str:
