@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	fi
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test,bench]'
+	$(VPY) -m pip install -q -e '.[test,bench,providers]'
 	@touch $(STAMP)
 
 # mypy cannot see setuptools' package-dir mapping; a symlink farm shows it the faramesh.* namespace.
