@@ -143,16 +143,40 @@ def _restart_needed(old_raw: bytes | None, policy: Any) -> list[str]:
     return sorted(names)
 
 
-def _lock_config(stack: Path, version: str) -> list[str]:
+def _lock_config(stack: Path, version: str) -> tuple[list[str], list[str]]:
+    """(every locked path, the paths this call locked)."""
     from faramesh.sandbox import immutable
 
-    locked = []
+    locked, newly = [], []
     when = _now()
     for path in lock_targets(stack):
         if not immutable.is_set(str(path)):
             immutable.lock(str(path), version, when)
+            newly.append(str(path))
         locked.append(str(path))
-    return locked
+    return locked, newly
+
+
+def record_config_event(paths: StackPaths, event_name: str, files: list[str]) -> dict[str, Any] | None:
+    """`config_locked` / `config_unlocked` as a DPR through the engine's operator socket (None: no engine)."""
+    event: dict[str, Any] = {"type": "config_event", "event": event_name, "paths": files}
+    user = os.environ.get("SUDO_USER") or os.environ.get("USER") or ""
+    if user:
+        event["by"] = user[:256]
+    return engine_request(paths, event)
+
+
+def _record_locked(paths: StackPaths, newly: list[str]) -> None:
+    """A `config_locked` DPR for the flags this apply set, through the (READY) engine, so the audit chain
+    shows both sides of every unlock window. The flags stay set whatever the engine answers."""
+    if not newly:
+        return
+    reply = record_config_event(paths, "config_locked", newly)
+    if reply is None or "error" in reply:
+        why = "no answer on operator.sock" if reply is None else reply["error"]
+        _err(f"the config is locked, but the engine did not record `config_locked`: {why}")
+    else:
+        _say(f"recorded config_locked (DPR {reply.get('id')})")
 
 
 def _unlock_for_write(stack: Path) -> None:
@@ -291,9 +315,10 @@ def apply(
         _err(f"cannot write the applied files: {exc}")
         return EXIT_RUNTIME
     locked: list[str] = []
+    newly_locked: list[str] = []
     if policy.runtime.get("immutable_config"):
         try:
-            locked = _lock_config(stack, version)
+            locked, newly_locked = _lock_config(stack, version)
         except (SandboxError, OSError) as exc:
             _err(f"immutable_config = true but the config could not be locked: {exc}")
             return EXIT_RUNTIME
@@ -335,6 +360,7 @@ def apply(
             time.sleep(0.1)
         _say(f"engine READY (pid {daemon.get('pid')}, policy {version[:16]})")
         acted = True
+    _record_locked(paths, newly_locked)
 
     # 3. The supervisor and its agents.
     launched = [p for p in plans if p.argv]

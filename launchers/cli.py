@@ -498,11 +498,7 @@ def unlock(dir: DirOpt = None) -> None:
     rc = apply_mod.unlock(stack)
     if rc != EXIT_OK or not locked:
         raise typer.Exit(rc)
-    user = os.environ.get("SUDO_USER") or os.environ.get("USER") or ""
-    event: dict[str, Any] = {"type": "config_event", "event": "config_unlocked", "paths": locked}
-    if user:
-        event["by"] = user[:256]
-    reply = apply_mod.engine_request(stack_paths(stack), event)
+    reply = apply_mod.record_config_event(stack_paths(stack), "config_unlocked", locked)
     if reply is None:
         sys.stderr.write(
             "faramesh unlock: the engine is not running: `config_unlocked` could not be recorded in the audit log "

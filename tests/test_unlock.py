@@ -181,3 +181,20 @@ def test_unlock_with_the_engine_down_unlocks_and_says_it_was_not_recorded(applie
     assert not applied.flagged(applied.stack / "governance.fms")
     assert "could not be recorded" in proc.stderr
     assert applied.records("config_unlocked") == []
+
+
+def test_apply_records_config_locked_once_per_lock_window(applied: Stack) -> None:
+    (first,) = applied.records("config_locked")
+    assert str(applied.stack / "governance.fms") in first["paths"]
+    assert first["identity"]["role"] == "operator"
+    again = applied.faramesh("apply")  # converged: the flags are already set, nothing new to record
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(applied.records("config_locked")) == 1
+    assert applied.faramesh("unlock").returncode == 0
+    relock = applied.faramesh("apply")
+    assert relock.returncode == 0, relock.stdout + relock.stderr
+    assert "recorded config_locked" in relock.stdout
+    locks = applied.records("config_locked")
+    unlocks = applied.records("config_unlocked")
+    assert len(locks) == 2 and len(unlocks) == 1
+    assert locks[0]["seq"] < unlocks[0]["seq"] < locks[1]["seq"]
