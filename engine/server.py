@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from faramesh import sdnotify
 from faramesh.engine.alerts import AlertConfig, AlertDispatcher
 from faramesh.engine.egress import EgressConfigError, validate_policy
 from faramesh.engine.pipeline import EngineState, Peer
@@ -160,9 +161,21 @@ class EngineServer:
             self._log(f"could not record the policy activation: {exc}")
         self.lifecycle = READY
         self._log(f"READY: policy {self.policy.version[:16]}, WAL {self.wal.store.description}")
+        sdnotify.notify("READY=1", self.environ)
+        watchdog = asyncio.create_task(self._watchdog())
         await self._stop.wait()
+        sdnotify.notify("STOPPING=1", self.environ)
+        watchdog.cancel()
         await self.drain()
         return self.exit_code
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 from a timer on the event loop (never from traffic): a wedged loop stops ticking
+        and systemd restarts the engine; an idle one keeps ticking."""
+        interval = sdnotify.watchdog_interval(self.environ)
+        while interval is not None:
+            sdnotify.notify("WATCHDOG=1", self.environ)
+            await asyncio.sleep(interval)
 
     async def _initialise_in_thread(self) -> None:
         """Run `_initialise` on a daemon thread: when it hangs past cold_start_deny_window the engine

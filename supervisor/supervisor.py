@@ -17,8 +17,8 @@ Its state is in `<runtime>/supervisor.json`.
 The supervisor has one thread: a poll loop over the zygote's socket, the agents' pidfds and
 `<runtime>/supervisor.sock` (supervisor/control.py: list, stop, reload; root only).
 
-Not yet: stdout relaying with rotation (the agent's stdout/stderr are its log file, opened by the
-supervisor), WATCHDOG=1.
+Under systemd it sends READY=1 once its agents are launched, WATCHDOG=1 from the poll loop (every half
+WATCHDOG_USEC, whatever the traffic) and STOPPING=1 when it stops them (faramesh/sdnotify.py).
 
 Exit codes: 0 stopped cleanly, 4 another supervisor holds the stack / no installed policy, 64 usage.
 """
@@ -33,7 +33,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from faramesh.sdnotify import notify as sd_notify
+from faramesh.sdnotify import watchdog_interval
 from faramesh.supervisor.control import ControlServer
 from faramesh.supervisor.layout import (
     SOCKET_INSIDE,
@@ -71,16 +72,6 @@ LOG_ROTATE_BYTES = 10 * 1024 * 1024
 def _log(message: str) -> None:
     sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} faramesh supervise: {message}\n")
     sys.stderr.flush()
-
-
-def sd_notify(state: str) -> None:
-    """READY=1 / STOPPING=1 to systemd's NOTIFY_SOCKET when set (abstract names start with @)."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr or addr[0] not in "/@":
-        return
-    target = "\0" + addr[1:] if addr[0] == "@" else addr
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(state.encode(), target)
 
 
 def _children_of(pid: int) -> list[int]:
@@ -588,8 +579,13 @@ def run(stack: Path) -> int:
         )
         last: str | None = None
         notified = False
+        watchdog = watchdog_interval()
+        next_tick = 0.0
         while not sup.stopping:
             now = time.monotonic()
+            if watchdog is not None and now >= next_tick:  # the poll timeout is the timer; no thread
+                sd_notify("WATCHDOG=1")
+                next_tick = now + watchdog
             sup.poll(now)
             sup.check_engine(now)
             snap = json.dumps(sup.snapshot(), sort_keys=True)
