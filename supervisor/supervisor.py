@@ -57,6 +57,7 @@ from faramesh.supervisor.layout import (
     process_tag,
     write_private,
 )
+from faramesh.supervisor.logrelay import LogRelay
 from faramesh.supervisor.zygote import Zygote, ZygoteError
 
 BACKOFF_START = 1.0
@@ -66,7 +67,6 @@ CRASH_LOOP_WINDOW = 60.0
 STOP_GRACE = 5.0
 TICK = 0.2
 ENGINE_CHECK_INTERVAL = 2.0
-LOG_ROTATE_BYTES = 10 * 1024 * 1024
 
 
 def _log(message: str) -> None:
@@ -118,6 +118,7 @@ class Agent:
     last_exit: int | None = None
     spec_json: str = ""
     backoff: Backoff = field(default_factory=Backoff)
+    relay: LogRelay | None = None  # the read end of its stdout/stderr pipe, pumped into its log
 
 
 def _ns_pid(pid: int | str) -> str | None:
@@ -217,12 +218,9 @@ class Supervisor:
             agent.spec_json = agent.spec_file.read_text()
         except OSError:
             agent.spec_json = ""
-        log_path = self.files.agent_log(agent.plan.agent_id)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):
-            if log_path.stat().st_size > LOG_ROTATE_BYTES:
-                os.replace(log_path, log_path.with_name(log_path.name + ".1"))
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # stdout/stderr: a pipe this process relays into the rotated log (supervisor/logrelay.py).
+        agent.relay = LogRelay(self.files.agent_log(agent.plan.agent_id))
+        log_fd = agent.relay.agent_end()
         report_path = self.files.report_file(agent.plan.agent_id)
         report_fd = os.open(report_path, os.O_WRONLY | os.O_TRUNC | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         env = self._agent_env(agent.plan)
@@ -257,7 +255,8 @@ class Supervisor:
             self._exited(agent, now, 127)
             return
         finally:
-            os.close(log_fd)
+            if agent.relay is not None:
+                agent.relay.handed_over()
             os.close(report_fd)
         agent.state = "RUNNING"
         agent.started_at = now
@@ -267,6 +266,9 @@ class Supervisor:
         if agent.pidfd is not None:
             os.close(agent.pidfd)
         agent.pid = agent.pidfd = agent.popen = None
+        if agent.relay is not None:
+            agent.relay.close()
+            agent.relay = None
 
     def _collect(self, agent: Agent) -> int | None:
         """The status of an agent whose pidfd fired: from the zygote (its parent) or our own Popen."""
@@ -300,7 +302,8 @@ class Supervisor:
         _log(f'agent "{agent.plan.agent_id}": exited with status {code}; restarting in {delay:.0f}s')
 
     def fds(self) -> list[int]:
-        return [a.pidfd for a in self.agents if a.pidfd is not None]
+        pidfds = [a.pidfd for a in self.agents if a.pidfd is not None]
+        return pidfds + [a.relay.fileno() for a in self.agents if a.relay is not None]
 
     def on_ready(self, ready: set[int], now: float) -> None:
         if self.zygote is not None and self.zygote.alive and self.zygote.fileno() in ready:
@@ -308,6 +311,9 @@ class Supervisor:
             if not self.zygote.alive:
                 _log("the launch zygote died; it is restarted at the next launch")
         for agent in self.agents:
+            if agent.relay is not None and agent.relay.fileno() in ready and not agent.relay.pump():
+                agent.relay.close()  # every writer is gone; the exit follows on the pidfd
+                agent.relay = None
             if agent.pidfd is not None and agent.pidfd in ready:
                 code = self._collect(agent)
                 self._clear(agent)

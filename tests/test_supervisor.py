@@ -112,6 +112,32 @@ def test_launches_go_through_the_zygote(running: Applied) -> None:
     assert zygote_start <= c1_start and sock.exists()
 
 
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        out += [int(child), *_descendants(int(child))]
+    return out
+
+
+def test_agent_output_goes_through_a_pipe_the_supervisor_relays(running: Applied) -> None:
+    """The agent holds no descriptor on its log (or the log dir): stdout and stderr are a pipe whose read
+    end only the supervisor has, and what the agent prints lands in its log."""
+    state = running.supervisor_state()
+    sup_pid, c1 = int(state["pid"]), int(_agent(running)["pid"])  # type: ignore[call-overload]
+    agent_pids = [p for p in _descendants(c1) if b"agent.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert agent_pids, "the agent process was not found under its C1"
+    log = Path(str(_agent(running)["log"]))
+    _wait(lambda: "agent up" in log.read_text(errors="replace"))
+    for pid in agent_pids:
+        fds = {int(n): os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
+        assert fds[1].startswith("pipe:") and fds[2] == fds[1], fds
+        assert not any(str(log.parent) in target for target in fds.values()), fds
+    pipe = Path(f"/proc/{agent_pids[0]}/fd/1").stat().st_ino
+    sup_fds = [Path(f"/proc/{sup_pid}/fd/{n}") for n in os.listdir(f"/proc/{sup_pid}/fd")]
+    readers = [f for f in sup_fds if os.readlink(f).startswith("pipe:") and f.stat().st_ino == pipe]
+    assert readers, "the supervisor does not hold the agent's output pipe"
+
+
 def test_control_socket_list_is_root_only_0600(running: Applied) -> None:
     sock, _ = _files(running)
     st = sock.stat()
