@@ -27,9 +27,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # mypy cannot see setuptools' package-dir mapping; a symlink farm shows it the faramesh.* namespace.
-.typecheck/faramesh/__init__.py:
+.typecheck/faramesh/__init__.py: $(wildcard faramesh_pkg/*.py)
 	@mkdir -p .typecheck/faramesh
-	@ln -sfn ../../faramesh_pkg/__init__.py .typecheck/faramesh/__init__.py
+	@for f in faramesh_pkg/*.py; do ln -sfn ../../$$f .typecheck/faramesh/$$(basename $$f); done
 	@for p in engine sandbox supervisor launchers; do ln -sfn ../../$$p .typecheck/faramesh/$$p; done
 
 lint: deps

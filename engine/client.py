@@ -1178,3 +1178,23 @@ def governed(
         return cast("Callable[P, R]", wrapper)
 
     return decorate
+
+
+def operator_request(socket_path: str, message: Mapping[str, Any], timeout: float = 10.0) -> dict[str, Any] | None:
+    """One request, one reply line over a Unix socket (the operator socket for `apply`, `unlock` and the
+    supervisor); None when nothing answers in time or the reply is not a JSON object."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(socket_path)
+            sock.sendall(_encode(message))
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        reply = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    return reply if isinstance(reply, dict) else None

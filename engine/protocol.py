@@ -17,9 +17,13 @@ MAX_FRAME = 1024 * 1024
 MAX_ID_LEN = 256
 
 AGENT_VERBS = frozenset({"govern", "poll_defer", "complete", "status"})
-OPERATOR_VERBS = frozenset({"approvals_list", "approve", "deny", "reload", "shutdown", "config_event"})
+OPERATOR_VERBS = frozenset(
+    {"approvals_list", "approve", "deny", "reload", "shutdown", "config_event", "sandbox_violation"}
+)
 CONFIG_EVENTS = frozenset({"config_unlocked", "config_locked"})
 MAX_CONFIG_PATHS = 64
+MAX_VIOLATION_KINDS = 64
+_SYSCALL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +128,30 @@ def decode(line: bytes) -> Message:
                 rpc_id,
                 rpc,
             )
+    elif verb == "sandbox_violation":
+        _str(fields, "agent_id", required=True, rpc_id=rpc_id, rpc=rpc)
+        attempts = fields.get("attempts")
+        if (
+            type(attempts) is not dict
+            or not 0 < len(attempts) <= MAX_VIOLATION_KINDS
+            or any(
+                not 0 < len(name) <= 32
+                or not set(name) <= _SYSCALL_NAME_CHARS
+                or type(count) is not int
+                or not 0 < count < 2**53
+                for name, count in attempts.items()
+            )
+        ):
+            raise ProtocolError(
+                "INVALID_REQUEST",
+                f"`attempts` must map at most {MAX_VIOLATION_KINDS} syscall names to positive counts",
+                rpc_id,
+                rpc,
+            )
+        for key in ("first_ms", "last_ms"):
+            value = fields.get(key)
+            if value is not None and (type(value) is not int or not 0 <= value < 2**53):
+                raise ProtocolError("INVALID_REQUEST", f"`{key}` must be epoch milliseconds", rpc_id, rpc)
     elif verb in ("approve", "deny"):
         _str(fields, "approval_id", required=True, rpc_id=rpc_id, rpc=rpc)
         _str(fields, "reason", required=False, rpc_id=rpc_id, rpc=rpc, limit=4096)

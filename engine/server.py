@@ -624,6 +624,38 @@ class EngineServer:
         self._show(record)
         return {"id": record_id, "action_type": record["action_type"], "policy_version": self.policy.version}
 
+    async def _verb_sandbox_violation(self, message: Message, peer: Peer) -> dict[str, Any]:
+        """The supervisor reports calls the agent's seccomp violation filter caught (and it answered EPERM),
+        aggregated per agent and second: one DPR per report (operator socket only — an agent cannot
+        report, or forge, violations of its own)."""
+        agent_id = message.fields["agent_id"]
+        if agent_id not in self.policy.agents:
+            raise _VerbError("INVALID_REQUEST", f"no agent {agent_id!r} in the running policy")
+        attempts = {str(k): int(v) for k, v in sorted(message.fields["attempts"].items())}
+        now, record_id, timestamp = self._ids()
+        record = {
+            "id": record_id,
+            "time": timestamp,
+            "epoch_ms": int(now * 1000),
+            "action_type": "sandbox_violation",
+            "agent_id": agent_id,
+            "effect": "DENY",
+            "code": "SANDBOX_VIOLATION",
+            "tier": "os",
+            "attempts": attempts,
+            "count": sum(attempts.values()),
+            "window": {"first_ms": message.fields.get("first_ms"), "last_ms": message.fields.get("last_ms")},
+            "policy_version": self.policy.version,
+            "identity": {"method": "socket", "role": peer.role, "peer_uid": peer.uid, "peer_pid": peer.pid},
+            "dev": self.state.dev,
+        }
+        try:
+            await self.wal.append(record)
+        except StoreError as exc:
+            raise _VerbError("WAL_WRITE_FAILURE", "the sandbox violation could not be recorded") from exc
+        self._show(record)
+        return {"id": record_id, "action_type": "sandbox_violation", "count": record["count"]}
+
     async def _verb_shutdown(self, message: Message, peer: Peer) -> dict[str, Any]:
         asyncio.get_running_loop().call_soon(self._stop.set)
         return {"state": DRAINING}

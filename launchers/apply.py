@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import sys
 import time
 from datetime import UTC, datetime
@@ -69,21 +68,9 @@ def lock_targets(stack: Path) -> list[Path]:
 
 def engine_request(paths: StackPaths, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any] | None:
     """One request over operator.sock; None when nothing answers."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(paths.operator_socket))
-            sock.sendall(json.dumps(message).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        reply = json.loads(data)
-    except (OSError, ValueError):
-        return None
-    return reply if isinstance(reply, dict) else None
+    from faramesh.engine.client import operator_request
+
+    return operator_request(str(paths.operator_socket), message, timeout)
 
 
 def _engine_ready(paths: StackPaths) -> dict[str, Any] | None:

@@ -924,10 +924,7 @@ def _internal_error(exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Maps click's usage errors (exit 2) to 64 and never shows a traceback."""
-    try:  # typer ≥ 0.29 vendors click as typer._click; older releases use the click package
-        from typer._click.exceptions import ClickException, UsageError
-    except ImportError:  # pragma: no cover - depends on the installed typer
-        from click.exceptions import ClickException, UsageError  # type: ignore[no-redef,import-not-found]
+    from typer._click.exceptions import ClickException, UsageError  # typer ≥ 0.29 (pyproject) vendors click
 
     try:
         result = app(args=argv, prog_name="faramesh", standalone_mode=False)

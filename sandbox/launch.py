@@ -15,8 +15,8 @@ pipe and C1 raises it; the agent never runs unconfined. Every launch writes an e
 was applied, what was not and why) to `report_fd` or stderr.
 
 Out of scope here (reported as "not applied"): the egress listener hand-off of S3 (SCM_RIGHTS to the
-supervisor), a pty relay (the agent gets no controlling terminal: C2 calls setsid), and the
-user-notification violation filter.
+supervisor) and a pty relay (the agent gets no controlling terminal: C2 calls setsid). The
+user-notification violation filter runs when the caller hands `notify_fd` (the supervisor does).
 
 Per-launch imports: os, ctypes, struct, errno, stat, _signal, _json and the sandbox modules (all imported
 here, before S5 hides the host tree: nothing may be imported lazily once the root has changed). The
@@ -28,6 +28,7 @@ C1 before any step), and the C2 → C1 status pipe carries length-prefixed `mars
 from __future__ import annotations
 
 import _signal as signal  # type: ignore[import-not-found]  # the C module: `signal` itself imports enum (≈4 ms per launch)
+import _socket  # SCM_RIGHTS for the violation listener; `socket` itself imports enum/selectors
 import binascii
 import errno
 import marshal
@@ -36,7 +37,7 @@ import stat
 
 from faramesh.sandbox import caps, cgroups, credentials, errors, landlock, mounts, namespaces, seccomp
 from faramesh.sandbox.errors import SandboxError
-from faramesh.sandbox.spec import FIELD_NAMES, SandboxSpec
+from faramesh.sandbox.spec import BPF_FIELDS, FIELD_NAMES, SandboxSpec
 
 try:
     from _json import make_scanner as _c_make_scanner
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 SETUP_FAILED = 125
 EXEC_FAILED = 127
 
-_SPEC_FIELDS = tuple(name for name in FIELD_NAMES if name != "seccomp_bpf")
+_SPEC_FIELDS = tuple(name for name in FIELD_NAMES if name not in BPF_FIELDS)
 
 
 class LayoutError(SandboxError):
@@ -65,11 +66,12 @@ class LayoutError(SandboxError):
 # --- spec (de)serialisation ----------------------------------------------------------------------------
 
 def spec_to_json(spec: SandboxSpec) -> str:
-    """The spec as JSON; the BPF base64-encoded under `seccomp_bpf_b64`."""
+    """The spec as JSON; each BPF program base64-encoded under `<field>_b64`."""
     import json  # apply time only
 
     d: dict[str, Any] = {name: getattr(spec, name) for name in _SPEC_FIELDS}
-    d["seccomp_bpf_b64"] = binascii.b2a_base64(spec.seccomp_bpf, newline=False).decode("ascii")
+    for name in BPF_FIELDS:
+        d[f"{name}_b64"] = binascii.b2a_base64(getattr(spec, name), newline=False).decode("ascii")
     return json.dumps(d, sort_keys=True)
 
 
@@ -116,7 +118,7 @@ def spec_from_json(text: str | bytes) -> SandboxSpec:
         raise errors.SpecError(f"spec is not JSON: {e}") from None
     if not isinstance(d, dict):
         raise errors.SpecError("spec must be a JSON object")
-    unknown = set(d) - set(_SPEC_FIELDS) - {"seccomp_bpf_b64"}
+    unknown = set(d) - set(_SPEC_FIELDS) - {f"{name}_b64" for name in BPF_FIELDS}
     if unknown:
         raise errors.SpecError(f"unknown spec fields: {sorted(unknown)}")
     kw: dict[str, Any] = {}
@@ -129,13 +131,14 @@ def spec_from_json(text: str | bytes) -> SandboxSpec:
         elif name == "rlimits":
             value = tuple(tuple(r) for r in value)
         kw[name] = value
-    b64 = d.get("seccomp_bpf_b64", "")
-    try:
-        # strict_mode: only the base64 alphabet with correct padding (base64.b64decode(validate=True)
-        # without importing base64 and re).
-        kw["seccomp_bpf"] = binascii.a2b_base64(b64, strict_mode=True) if b64 else b""
-    except (ValueError, TypeError):
-        raise errors.SpecError("seccomp_bpf_b64 is not base64") from None
+    for name in BPF_FIELDS:
+        b64 = d.get(f"{name}_b64", "")
+        try:
+            # strict_mode: only the base64 alphabet with correct padding (base64.b64decode(validate=True)
+            # without importing base64 and re).
+            kw[name] = binascii.a2b_base64(b64, strict_mode=True) if b64 else b""
+        except (ValueError, TypeError):
+            raise errors.SpecError(f"{name}_b64 is not base64") from None
     try:
         return SandboxSpec(**kw)
     except TypeError as e:
@@ -145,9 +148,14 @@ def spec_from_json(text: str | bytes) -> SandboxSpec:
 def build_spec(profile: str, agent_id: str, host_uid: int, host_gid: int, workspace: str, stack_dir: str,
                **kw: Any) -> SandboxSpec:
     """Build a spec at `apply` time, compiling the profile's seccomp BPF (pyseccomp, not per launch)."""
-    bpf = seccomp.build_filter(profile) if profile != "off" else b""
+    if profile == "off":
+        bpfs = {"seccomp_bpf": b""}
+    else:
+        bpfs = {"seccomp_bpf": seccomp.build_filter(profile),
+                "seccomp_notify_bpf": seccomp.build_filter(profile, notify_calls=True),
+                "seccomp_listener_bpf": seccomp.violation_notify_filter(profile)}
     return SandboxSpec(profile=profile, agent_id=agent_id, host_uid=host_uid,
-                       host_gid=host_gid, workspace=workspace, stack_dir=stack_dir, seccomp_bpf=bpf, **kw)
+                       host_gid=host_gid, workspace=workspace, stack_dir=stack_dir, **bpfs, **kw)
 
 
 def default_landlock_rules(spec: SandboxSpec) -> dict[str, list[str]]:
@@ -264,8 +272,45 @@ def _status_to_code(status: int) -> int:
 
 # --- C2 / C3 -------------------------------------------------------------------------------------------
 
+def _send_listener(notify_fd: int, listener: int) -> None:
+    """The violation filter's listener to the supervisor (SCM_RIGHTS on the socket it handed the launch)."""
+    sock = _socket.socket(fileno=notify_fd)
+    try:
+        sock.sendmsg([b"L"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, listener.to_bytes(4, "little"))])
+    finally:
+        sock.detach()
+
+
+def _load_seccomp(spec: SandboxSpec, notify_fd: int | None, info: dict[str, Any]) -> None:
+    """S8. With a supervisor socket: the profile's filter minus the reported calls, plus the
+    user-notification filter for those, whose listener goes to the supervisor and is closed here before
+    C3 exists — the agent must never hold it (answering its own notifications with CONTINUE would run
+    them). Without one (the launcher): the plain filter, the same calls failing with EPERM unreported.
+    If the supervisor is gone, a reported call fails with ENOSYS: the kernel never executes it."""
+    if notify_fd is not None and spec.seccomp_listener_bpf:
+        seccomp.load_filter(spec.seccomp_notify_bpf)
+        listener = seccomp.load_filter(spec.seccomp_listener_bpf, new_listener=True)
+        assert listener is not None
+        try:
+            _send_listener(notify_fd, listener)
+            sent = True
+        except OSError:
+            sent = False
+        os.close(listener)
+        os.close(notify_fd)
+        n = (len(spec.seccomp_notify_bpf) + len(spec.seccomp_listener_bpf)) // 8
+        info["applied"].append(f"S8 seccomp {spec.profile} filter ({n} BPF instructions), reported calls"
+                               " answered EPERM by the supervisor")
+        if not sent:
+            info["missing"].append("seccomp violation reports: the supervisor's socket is gone (calls fail ENOSYS)")
+        return
+    seccomp.load_filter(spec.seccomp_bpf)
+    info["applied"].append(f"S8 seccomp {spec.profile} filter ({len(spec.seccomp_bpf) // 8} BPF instructions)")
+    info["missing"].append("seccomp violation reports (launcher: no supervisor to report to; calls fail EPERM)")
+
+
 def _c2(spec: SandboxSpec, argv: Sequence[str], env: dict[str, str], rules: Mapping[str, Sequence[str]] | None,
-        status_w: int, alive_r: int) -> int:
+        status_w: int, alive_r: int, notify_fd: int | None) -> int:
     """PID 1 of the sandbox. Returns only on failure before C3 exists (the caller _exits with SETUP_FAILED)."""
     info: dict[str, Any] = {"applied": [], "missing": []}
     # Death signal tied to C1 first: if C1 dies from here on, C2 (and with it the PID namespace) dies.
@@ -304,10 +349,8 @@ def _c2(spec: SandboxSpec, argv: Sequence[str], env: dict[str, str], rules: Mapp
     info["applied"].append("S7 securebits locked, all capability sets empty, no_new_privs, dumpable 0, setsid,"
                            " pdeathsig SIGKILL tied to C1")
     info["missing"].append("pty relay (the agent has no controlling terminal)")
-    # S8: seccomp.
-    seccomp.load_filter(spec.seccomp_bpf)
-    info["applied"].append(f"S8 seccomp {spec.profile} filter ({len(spec.seccomp_bpf) // 8} BPF instructions)")
-    info["missing"].append("seccomp user-notification violation reports (needs the supervisor)")
+    # S8: seccomp, last before the fd sweep: every earlier step needs calls the filter denies.
+    _load_seccomp(spec, notify_fd, info)
     # S9: close every fd but 0/1/2, the kept ones and the status pipe.
     keep = sorted({*spec.keep_fds, status_w})
     lo = 3
@@ -408,18 +451,21 @@ def _read_status(fd: int) -> list[dict[str, Any]]:
 
 
 def launch(spec: SandboxSpec, argv: Sequence[str], *, landlock_rules: Mapping[str, Sequence[str]] | None = None,
-           report_fd: int | None = None, host_env: Mapping[str, str] | None = None) -> int:
+           report_fd: int | None = None, host_env: Mapping[str, str] | None = None,
+           notify_fd: int | None = None) -> int:
     """Run `argv` confined by `spec` (DESIGN.md §5) and return its exit status (128+signal if killed).
 
     Call in a process that may be changed for good (C1: the zygote's child, or the launcher itself) and
     that has no threads. Raises a SandboxError (nothing exec'd) when any step cannot be applied.
+    `notify_fd`: a Unix socket to the supervisor; the seccomp violation listener is sent on it (S8).
     """
     if not argv:
         raise errors.SpecError("empty command")
     out_fd = report_fd if report_fd is not None else 2
     report = _Report(spec, out_fd)
     try:
-        code = _launch(spec, list(argv), landlock_rules, report, dict(os.environ if host_env is None else host_env))
+        code = _launch(spec, list(argv), landlock_rules, report, dict(os.environ if host_env is None else host_env),
+                       notify_fd)
     except SandboxError as e:
         report.no(f"REFUSED before exec: {e.code}: {e}")
         _write_all(out_fd, report.render("refused").encode())
@@ -428,7 +474,7 @@ def launch(spec: SandboxSpec, argv: Sequence[str], *, landlock_rules: Mapping[st
 
 
 def _launch(spec: SandboxSpec, argv: list[str], rules: Mapping[str, Sequence[str]] | None, report: _Report,
-            host_env: dict[str, str]) -> int:
+            host_env: dict[str, str], notify_fd: int | None = None) -> int:
     out_fd_env = {"FARAMESH_AGENT_ID": spec.agent_id}
     if spec.egress_port is not None:
         out_fd_env["FARAMESH_PROXY_PORT"] = str(spec.egress_port)
@@ -468,6 +514,8 @@ def _launch(spec: SandboxSpec, argv: list[str], rules: Mapping[str, Sequence[str
                   " (mapped to 1000 inside)")
 
     if spec.profile == "off":
+        if notify_fd is not None:
+            os.close(notify_fd)
         report.no("S1-S8: namespaces, mounts, Landlock, capabilities, seccomp (profile off)")
         return _launch_off(argv, env, report)
 
@@ -495,7 +543,7 @@ def _launch(spec: SandboxSpec, argv: list[str], rules: Mapping[str, Sequence[str
             os.close(status_r)
             os.close(alive_w)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARD)
-            code = _c2(spec, argv, env, rules, status_w, alive_r)
+            code = _c2(spec, argv, env, rules, status_w, alive_r, notify_fd)
         except SandboxError as e:
             msg = {"code": e.code, "message": str(e), "errno": e.errno}
             try:  # noqa: SIM105 (no contextlib on the launch path)
@@ -511,6 +559,8 @@ def _launch(spec: SandboxSpec, argv: list[str], rules: Mapping[str, Sequence[str
             os._exit(code)
     os.close(status_w)
     os.close(alive_r)
+    if notify_fd is not None:
+        os.close(notify_fd)  # C2 has it; the supervisor must see EOF once C2 has sent (or died)
     _forward_to(c2, group=False)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARD)
     report.ok(f"S4 C2 = sandbox init (host pid {c2})")

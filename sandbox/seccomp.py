@@ -105,6 +105,15 @@ NOTIFY_CALLS = ("ptrace", *MOUNT_FAMILY, *NAMESPACE_CALLS, "bpf", "kexec_load", 
                 "init_module", "finit_module", "delete_module", *IO_URING)
 
 
+def notify_calls_for(profile: str) -> tuple[str, ...]:
+    """The NOTIFY_CALLS the profile denies outright: only those may be reported (and answered EPERM) by
+    the supervisor — a call the profile allows must never start waiting on the supervisor."""
+    denied = {*MOUNT_FAMILY, *NAMESPACE_CALLS, *IO_URING}
+    if profile == "full":
+        denied |= set(FULL_ONLY)
+    return tuple(name for name in NOTIFY_CALLS if name in denied)
+
+
 def build_filter(profile: str, *, notify_calls: bool = False) -> bytes:
     """Compile the profile's filter to classic BPF bytes (runs at `apply`; needs pyseccomp+libseccomp).
 
@@ -123,8 +132,10 @@ def build_filter(profile: str, *, notify_calls: bool = False) -> bytes:
     # libseccomp must not set no_new_privs itself: we only export, and load_filter checks it is set.
     f.set_attr(sc.Attr.CTL_NNP, 0)
 
+    reported = notify_calls_for(profile) if notify_calls else ()
+
     def deny(name: str, *args: object) -> None:
-        if notify_calls and name in NOTIFY_CALLS and not args:
+        if name in reported and not args:
             return
         f.add_rule(eperm, _resolve(sc, name), *args)
 
@@ -155,8 +166,9 @@ def build_filter(profile: str, *, notify_calls: bool = False) -> bytes:
     return _export(f)
 
 
-def violation_notify_filter() -> bytes:
-    """A second filter returning SECCOMP_RET_USER_NOTIF for NOTIFY_CALLS (pair with notify_calls=True).
+def violation_notify_filter(profile: str) -> bytes:
+    """A second filter returning SECCOMP_RET_USER_NOTIF for notify_calls_for(profile) (pair it with
+    build_filter(profile, notify_calls=True)).
 
     Loaded with load_filter(..., new_listener=True), it yields a listener fd for the supervisor, which
     records a violation and answers EPERM (see respond_eperm). With no listener left (the supervisor is
@@ -167,9 +179,21 @@ def violation_notify_filter() -> bytes:
     f = sc.SyscallFilter(sc.ALLOW)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
     f.set_attr(sc.Attr.CTL_NNP, 0)
-    for name in NOTIFY_CALLS:
+    for name in notify_calls_for(profile):
         f.add_rule(sc.NOTIFY, _resolve(sc, name))
     return _export(f)
+
+
+def syscall_name(number: int) -> str:
+    """The native syscall's name for a report (supervisor side: pyseccomp is fine there)."""
+    import pyseccomp as sc
+
+    try:
+        name = sc.resolve_syscall(0, number)
+    except (ValueError, TypeError):
+        return f"syscall_{number}"
+    text = name.decode("ascii", "replace") if isinstance(name, bytes) else str(name)
+    return text or f"syscall_{number}"
 
 
 def _resolve(sc: Any, name: str) -> int:
@@ -271,10 +295,16 @@ SECCOMP_IOCTL_NOTIF_RECV = _iowr(0, ctypes.sizeof(SeccompNotif))
 SECCOMP_IOCTL_NOTIF_SEND = _iowr(1, ctypes.sizeof(_SeccompNotifResp))
 
 
-def receive_violation(listener_fd: int) -> SeccompNotif:
-    """Block until a notified syscall arrives on `listener_fd`; returns what was attempted."""
+def receive_violation(listener_fd: int) -> SeccompNotif | None:
+    """The pending notified syscall on `listener_fd` (call when poll says POLLIN).
+
+    None when there was none after all (the caller died between poll and here, or a signal cut the
+    wait short): the kernel blocks in NOTIF_RECV whatever O_NONBLOCK says, so a caller that must not
+    hang arms an interval timer around this call (the supervisor does)."""
     notif = SeccompNotif()
     rc = _libc.libc.ioctl(listener_fd, ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_RECV), ctypes.byref(notif))
+    if rc == -1 and ctypes.get_errno() in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+        return None
     _libc.check(rc, "SECCOMP_IOCTL_NOTIF_RECV", SeccompError)
     return notif
 

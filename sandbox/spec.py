@@ -57,6 +57,11 @@ _FIELDS: tuple[tuple[str, object, bool], ...] = (
     ("egress_port", None, True),
     ("keep_fds", (), True),
     ("seccomp_bpf", b"", False),
+    # The same profile with the reported calls left to a second, user-notification filter whose listener
+    # the supervisor holds (seccomp.build_filter(notify_calls=True) + violation_notify_filter). Used only
+    # when a launch is handed a socket to send the listener on; otherwise seccomp_bpf alone.
+    ("seccomp_notify_bpf", b"", False),
+    ("seccomp_listener_bpf", b"", False),
     # The agent's own socket directory (<runtime>/agents/<h>/), shown read-only at /run/faramesh.
     ("socket_dir", None, True),
     ("home", "/home/agent", True),
@@ -68,6 +73,7 @@ _FIELDS: tuple[tuple[str, object, bool], ...] = (
     ("cgroup_name", None, True),
 )
 FIELD_NAMES: tuple[str, ...] = tuple(f[0] for f in _FIELDS)
+BPF_FIELDS = ("seccomp_bpf", "seccomp_notify_bpf", "seccomp_listener_bpf")
 
 
 def valid_agent_id(agent_id: object) -> bool:
@@ -125,6 +131,8 @@ class SandboxSpec:
         egress_port: int | None
         keep_fds: tuple[int, ...]
         seccomp_bpf: bytes
+        seccomp_notify_bpf: bytes
+        seccomp_listener_bpf: bytes
         socket_dir: str | None
         home: str
         hostname: str
@@ -185,8 +193,11 @@ class SandboxSpec:
             raise SpecError(f"egress port {self.egress_port} out of range")
         if self.profile != "off" and not self.seccomp_bpf:
             raise SpecError(f"profile {self.profile} needs the precompiled seccomp BPF")
-        if len(self.seccomp_bpf) % 8:
-            raise SpecError("seccomp_bpf is not a whole number of sock_filter instructions")
+        for name in BPF_FIELDS:
+            if len(getattr(self, name)) % 8:
+                raise SpecError(f"{name} is not a whole number of sock_filter instructions")
+        if bool(self.seccomp_notify_bpf) != bool(self.seccomp_listener_bpf):
+            raise SpecError("seccomp_notify_bpf and seccomp_listener_bpf come as a pair")
 
     @property
     def cgroup(self) -> str:

@@ -58,6 +58,7 @@ from faramesh.supervisor.layout import (
     write_private,
 )
 from faramesh.supervisor.logrelay import LogRelay
+from faramesh.supervisor.violations import ViolationMonitor, engine_sender
 from faramesh.supervisor.zygote import Zygote, ZygoteError
 
 BACKOFF_START = 1.0
@@ -119,6 +120,7 @@ class Agent:
     spec_json: str = ""
     backoff: Backoff = field(default_factory=Backoff)
     relay: LogRelay | None = None  # the read end of its stdout/stderr pipe, pumped into its log
+    violations: int | None = None  # its launch's token in the ViolationMonitor
 
 
 def _ns_pid(pid: int | str) -> str | None:
@@ -178,6 +180,7 @@ class Supervisor:
         self.engine_next_check = 0.0
         self.engine_restarts = 0
         self.engine_fatal = False
+        self.violations = ViolationMonitor(engine_sender(str(files.paths.operator_socket)))
 
     # --- agents ------------------------------------------------------------------------------------
     def _agent_env(self, plan: AgentPlan) -> dict[str, str]:
@@ -224,12 +227,14 @@ class Supervisor:
         report_path = self.files.report_file(agent.plan.agent_id)
         report_fd = os.open(report_path, os.O_WRONLY | os.O_TRUNC | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         env = self._agent_env(agent.plan)
+        # The sandbox init sends its seccomp violation listener back on this socket (supervisor/violations.py).
+        agent.violations, notify_fd = self.violations.prepare(agent.plan.agent_id)
         try:
             zygote = self._zygote()
             if zygote is not None:
                 try:
                     agent.pid, agent.pidfd = zygote.launch(
-                        str(agent.spec_file), list(agent.plan.argv), env, log_fd, report_fd
+                        str(agent.spec_file), list(agent.plan.argv), env, log_fd, report_fd, notify_fd=notify_fd
                     )
                     agent.via = "zygote"
                 except ZygoteError as exc:
@@ -258,6 +263,7 @@ class Supervisor:
             if agent.relay is not None:
                 agent.relay.handed_over()
             os.close(report_fd)
+            os.close(notify_fd)
         agent.state = "RUNNING"
         agent.started_at = now
         _log(f'agent "{agent.plan.agent_id}": started (C1 pid {agent.pid} via {agent.via}, uid {agent.plan.uid})')
@@ -269,6 +275,9 @@ class Supervisor:
         if agent.relay is not None:
             agent.relay.close()
             agent.relay = None
+        if agent.violations is not None:
+            self.violations.release(agent.violations)
+            agent.violations = None
 
     def _collect(self, agent: Agent) -> int | None:
         """The status of an agent whose pidfd fired: from the zygote (its parent) or our own Popen."""
@@ -303,13 +312,15 @@ class Supervisor:
 
     def fds(self) -> list[int]:
         pidfds = [a.pidfd for a in self.agents if a.pidfd is not None]
-        return pidfds + [a.relay.fileno() for a in self.agents if a.relay is not None]
+        relays = [a.relay.fileno() for a in self.agents if a.relay is not None]
+        return pidfds + relays + self.violations.fds()
 
     def on_ready(self, ready: set[int], now: float) -> None:
         if self.zygote is not None and self.zygote.alive and self.zygote.fileno() in ready:
             self.zygote.drain()
             if not self.zygote.alive:
                 _log("the launch zygote died; it is restarted at the next launch")
+        self.violations.on_ready(ready)
         for agent in self.agents:
             if agent.relay is not None and agent.relay.fileno() in ready and not agent.relay.pump():
                 agent.relay.close()  # every writer is gone; the exit follows on the pidfd
@@ -594,6 +605,7 @@ def run(stack: Path) -> int:
                 next_tick = now + watchdog
             sup.poll(now)
             sup.check_engine(now)
+            sup.violations.flush(now)
             snap = json.dumps(sup.snapshot(), sort_keys=True)
             if snap != last:
                 write_private(files.state_file, snap.encode(), 0o644)
@@ -618,6 +630,7 @@ def run(stack: Path) -> int:
         sd_notify("STOPPING=1")
         _log("stopping agents")
         sup.stop_agents()
+        sup.violations.close()
         write_private(files.state_file, json.dumps(sup.snapshot(), sort_keys=True).encode(), 0o644)
         return 0
     finally:

@@ -151,13 +151,14 @@ class Zygote:
         log_fd: int,
         report_fd: int | None,
         timeout: float = 10.0,
+        notify_fd: int | None = None,
     ) -> tuple[int, int]:
         """(C1 pid, its pidfd). ZygoteError when the zygote cannot (the caller falls back)."""
         if not self.alive:
             raise ZygoteError("the zygote is not running")
         self._next_id += 1
         rid = self._next_id
-        fds = [log_fd] if report_fd is None else [log_fd, report_fd]
+        fds = [log_fd] + [fd for fd in (report_fd, notify_fd) if fd is not None]
         request = {
             "op": "launch",
             "id": rid,
@@ -165,6 +166,7 @@ class Zygote:
             "argv": command,
             "env": env,
             "report": report_fd is not None,
+            "notify": notify_fd is not None,
         }
         try:
             send(self.sock, request, fds)
@@ -212,7 +214,9 @@ def _c1(sock: socket.socket, wake: tuple[int, int], msg: dict[str, Any], fds: li
         os.close(fd)
     os.setsid()  # its own session and process group (profile off: the supervisor kills the group)
     log_fd = fds[0]
-    report_fd = fds[1] if len(fds) > 1 else None
+    extra = iter(fds[1:])
+    report_fd = next(extra, None) if msg.get("report") else None
+    notify_fd = next(extra, None) if msg.get("notify") else None
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(log_fd, 1)
@@ -234,7 +238,9 @@ def _c1(sock: socket.socket, wake: tuple[int, int], msg: dict[str, Any], fds: li
                 os.close(fd)
         spec = sandbox_launch.spec_from_json(raw)
         env = {str(k): str(v) for k, v in dict(msg.get("env") or {}).items()}
-        return sandbox_launch.launch(spec, [str(a) for a in msg["argv"]], report_fd=report_fd, host_env=env)
+        return sandbox_launch.launch(
+            spec, [str(a) for a in msg["argv"]], report_fd=report_fd, host_env=env, notify_fd=notify_fd
+        )
     except SandboxError as e:
         os.write(2, f"zygote: sandbox refused to start: {e.code}: {e}\n".encode())
         return EXIT_REFUSED

@@ -170,16 +170,16 @@ def test_launcher_imports_nothing_heavy(pkg_root: str, stack: Stack) -> None:
         assert heavy not in modules, heavy
     assert not any(m.startswith("faramesh.engine") for m in modules)
     # Per-launch cost (issue 4 §5): beyond what the bare interpreter loads, only os, ctypes/struct and a
-    # few C modules — no runpy/importlib.util (BOOT), re, enum/signal, typing, dataclasses, inspect, json,
-    # base64 or contextlib.
+    # few C modules (_socket: SCM_RIGHTS for the violation listener) — no runpy/importlib.util (BOOT), re,
+    # enum/signal, socket, typing, dataclasses, inspect, json, base64 or contextlib.
     bare = subprocess.run([PYTHON, "-I", "-S", "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
                           timeout=30).stderr
     baseline = {line.split("|")[-1].strip() for line in bare.splitlines() if line.startswith("import time:")}
     extra = {m for m in modules - baseline if not m.startswith("faramesh")}
     assert extra <= {"__future__", "os", "stat", "_stat", "posixpath", "genericpath", "_collections_abc", "errno",
                      "ctypes", "_ctypes", "ctypes._endian", "types", "struct", "_struct", "_signal", "binascii",
-                     "_json", "marshal"}, sorted(extra)
-    for banned in ("runpy", "importlib.util", "re", "enum", "signal", "typing", "dataclasses", "inspect", "ast",
+                     "_json", "marshal", "_socket"}, sorted(extra)
+    for banned in ("socket", "runpy", "importlib.util", "re", "enum", "signal", "typing", "dataclasses", "inspect", "ast",
                    "json", "base64", "contextlib", "functools", "collections"):
         assert banned not in modules, banned
 

@@ -285,7 +285,7 @@ def test_violation_notification_reports_and_fails_closed() -> None:
     """Stretch of DESIGN.md §5: a second filter hands `mount` etc. to a listener, which answers EPERM;
     with the listener gone the call fails (ENOSYS) instead of running."""
     main = seccomp.build_filter("full", notify_calls=True)
-    notify = seccomp.violation_notify_filter()
+    notify = seccomp.violation_notify_filter("full")
 
     def supervisor_side() -> dict[str, Any]:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -352,3 +352,25 @@ def test_load_refuses_a_threaded_process() -> None:
 
     res = forked(child)
     assert res["code"] == "SANDBOX_SECCOMP_FAILED" and res["mode"] == 0
+
+
+def test_only_calls_the_profile_denies_are_reported() -> None:
+    """A call the profile allows must never wait on the supervisor: `minimal` allows ptrace and bpf."""
+    assert "ptrace" not in seccomp.notify_calls_for("minimal")
+    assert "bpf" not in seccomp.notify_calls_for("minimal")
+    assert {"mount", "unshare", "setns", "io_uring_setup"} <= set(seccomp.notify_calls_for("minimal"))
+    assert {"ptrace", "bpf", "kexec_load", "init_module"} <= set(seccomp.notify_calls_for("full"))
+    # The notifying variant of a profile leaves exactly the reported calls out of its EPERM list.
+    import pyseccomp as sc
+
+    for profile in ("full", "minimal"):
+        plain = seccomp.build_filter(profile)
+        notifying = seccomp.build_filter(profile, notify_calls=True)
+        assert notifying != plain
+        listener = seccomp.violation_notify_filter(profile)
+        numbers = {k for code, _jt, _jf, k in seccomp.instructions(listener) if code == 0x15}  # BPF_JEQ|K
+        for name in seccomp.notify_calls_for(profile):
+            number = int(sc.resolve_syscall(0, name)) if int(sc.resolve_syscall(0, name)) >= 0 else None
+            if number is not None:
+                assert number in numbers, (profile, name)
+        assert int(sc.resolve_syscall(0, "ptrace")) not in numbers or profile == "full"
