@@ -179,8 +179,8 @@ def test_launcher_imports_nothing_heavy(pkg_root: str, stack: Stack) -> None:
     assert extra <= {"__future__", "os", "stat", "_stat", "posixpath", "genericpath", "_collections_abc", "errno",
                      "ctypes", "_ctypes", "ctypes._endian", "types", "struct", "_struct", "_signal", "binascii",
                      "_json", "marshal", "_socket"}, sorted(extra)
-    for banned in ("socket", "runpy", "importlib.util", "re", "enum", "signal", "typing", "dataclasses", "inspect", "ast",
-                   "json", "base64", "contextlib", "functools", "collections"):
+    for banned in ("socket", "runpy", "importlib.util", "re", "enum", "signal", "typing", "dataclasses", "inspect",
+                   "ast", "json", "base64", "contextlib", "functools", "collections"):
         assert banned not in modules, banned
 
 
