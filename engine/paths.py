@@ -10,6 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUN_PATH_MAX = 107
+# The engine's own account (DESIGN.md §2): a root-applied stack's engine runs as this user and uses the
+# system layout (/var/lib, /run, /var/log), like root does.
+SERVICE_USER = "faramesh"
+OPERATORS_GROUP = "faramesh-operators"
+
+
+def service_uid() -> int | None:
+    import pwd
+
+    try:
+        return pwd.getpwnam(SERVICE_USER).pw_uid
+    except KeyError:
+        return None
 
 
 def stack_id(stack_dir: Path) -> str:
@@ -52,6 +65,12 @@ class StackPaths:
     def hmac_key(self) -> Path:
         return self.state_dir / "engine.key"
 
+    def env_file(self, env: Mapping[str, str] | None = None) -> Path:
+        """The engine's environment file for secret references (root 0600; `apply` writes it, whoever
+        starts the engine reads it as root): `/etc/faramesh/<stack-id>.env`, or under $FARAMESH_CONFIG_DIR."""
+        env = os.environ if env is None else env
+        return Path(env.get("FARAMESH_CONFIG_DIR") or "/etc/faramesh") / f"{self.stack_id}.env"
+
     @property
     def lock_file(self) -> Path:
         return self.state_dir / "engine.lock"
@@ -62,7 +81,10 @@ class StackPaths:
 
 def stack_paths(stack_dir: Path, *, euid: int | None = None, env: Mapping[str, str] | None = None) -> StackPaths:
     env = os.environ if env is None else env
-    euid = os.geteuid() if euid is None else euid
+    if euid is None:
+        euid = os.geteuid()
+        if euid != 0 and euid == service_uid():
+            euid = 0  # the engine of a root-applied stack: the same layout `apply` made
     sid = stack_id(stack_dir)
     if env.get("FARAMESH_STATE_DIR"):
         state = Path(env["FARAMESH_STATE_DIR"]) / sid

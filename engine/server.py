@@ -756,11 +756,25 @@ def socket_dir(path: Path, mode: int) -> None:
 
 
 def ensure_private_dir(path: Path, mode: int) -> None:
-    """Create `path` (and parents) owned by us; refuse a path another user controls or a symlink."""
+    """Create `path` (and parents) owned by us; refuse a path another user controls or a symlink.
+
+    One exception: a directory root prepared for the engine's service user (root-owned, sticky, our
+    group, nothing for others to write — supervisor/service_user.py) is used as it is."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     st = os.lstat(path)
     import stat as _stat
 
-    if not _stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+    if not _stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{path} is not a directory; refusing to use it")
+    prepared = (
+        os.geteuid() != 0
+        and st.st_uid == 0
+        and st.st_mode & _stat.S_ISVTX
+        and st.st_gid == os.getegid()
+        and not st.st_mode & 0o002
+    )
+    if prepared:
+        return
+    if st.st_uid != os.geteuid():
         raise PermissionError(f"{path} is not a directory owned by uid {os.geteuid()}; refusing to use it")
     os.chmod(path, mode)

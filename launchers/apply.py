@@ -183,8 +183,15 @@ def uid_report(stack: Path, registry: Path | None = None) -> tuple[list[str], li
 
     policy = compile_stack(stack, registry=registry).policy
     plans = plan_agents(stack, policy, stack_paths(stack))
-    engine_uid = os.geteuid()  # `apply` starts the engine as the invoking user (no `faramesh` user switch yet)
-    lines = [f"engine    uid {engine_uid}"]
+    from faramesh.supervisor.service_user import lookup_service_user
+
+    engine_uid = os.geteuid()
+    service = lookup_service_user() if engine_uid == 0 else None
+    if engine_uid == 0:
+        engine_uid = service.uid if service is not None else -1
+    lines = [f"engine    uid {engine_uid}" + (" (faramesh)" if service else "")]
+    if os.geteuid() == 0 and service is None:
+        lines[0] = "engine    user faramesh (created by the next `apply`)"
     problems = []
     if os.geteuid() != 0:
         problems.append(
@@ -239,8 +246,15 @@ def apply(
 ) -> int:
     from faramesh.engine.policy.errors import FarameshError
     from faramesh.engine.policy.stack import compile_stack
-    from faramesh.engine.server import ensure_private_dir
     from faramesh.sandbox.errors import SandboxError
+    from faramesh.supervisor.service_user import (
+        ServiceUserError,
+        ensure_service_user,
+        env_file_values,
+        read_env_file,
+        render_env_file,
+        secret_references,
+    )
     from faramesh.supervisor.supervisor import install_agent_specs, start_engine, start_supervisor
 
     if os.geteuid() != 0:
@@ -273,6 +287,26 @@ def apply(
     except ValueError as exc:
         _err(f"{exc}; nothing changed")
         return EXIT_FAILED
+    # The engine's account and its secret references, before anything is written.
+    try:
+        service = ensure_service_user()
+    except ServiceUserError as exc:
+        _err(f"{exc}; nothing changed")
+        return EXIT_RUNTIME
+    env_file = paths.env_file()
+    names = secret_references(json.loads(policy.to_json()))
+    env_values, unset = env_file_values(names, os.environ, read_env_file(env_file))
+    if unset:
+        _err(
+            f"the policy references {', '.join('$' + n for n in unset)}, set neither in this environment nor in"
+            f" {env_file}; export it for `apply` (it is kept in {env_file}, root 0600); nothing changed"
+        )
+        return EXIT_FAILED
+    try:
+        env_text = render_env_file(env_values).encode()
+    except ValueError as exc:
+        _err(f"{exc}; nothing changed")
+        return EXIT_FAILED
 
     # 1. Artifacts (only what changed is rewritten, so a converged apply touches nothing).
     pkg_root = ensure_pkg_root(files)
@@ -283,7 +317,12 @@ def apply(
         (dot / "bin" / "agent", shim_text(files, pkg_root, default_agent).encode(), 0o755),
         (dot / "runtime" / "agent.env", agent_env_text(paths, plans).encode(), 0o644),
     ]
-    ensure_private_dir(paths.state_dir, 0o700)
+    # Root's view of the state dir: created private, never chmod-ed once it exists (the engine's account
+    # shares it through the group and the sticky bit: supervisor/service_user.py).
+    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not paths.state_dir.is_dir() or paths.state_dir.is_symlink():
+        _err(f"{paths.state_dir} is not a directory; nothing changed")
+        return EXIT_RUNTIME
     try:
         old_copy: bytes | None = paths.policy_copy.read_bytes()
     except OSError:
@@ -296,7 +335,11 @@ def apply(
             if path in changed:
                 write_private(path, data, mode)
         if _differs(paths.policy_copy, policy.to_json()):
-            write_private(paths.policy_copy, policy.to_json(), 0o600)
+            write_private(paths.policy_copy, policy.to_json(), 0o640)
+        os.chown(paths.policy_copy, 0, service.gid)  # the engine reads it through its group; root writes
+        if (names or env_file.exists()) and _differs(env_file, env_text):
+            env_file.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            write_private(env_file, env_text, 0o600)
         install_agent_specs(stack, files, plans)
     except OSError as exc:
         _err(f"cannot write the applied files: {exc}")
@@ -329,7 +372,7 @@ def apply(
         if lock_holder(paths.lock_file) is not None:
             _err("an engine holds this stack but is not READY; see `faramesh status` and `faramesh logs --engine`")
             return EXIT_RUNTIME
-        proc = start_engine(stack, files)
+        proc = start_engine(stack, files, plans, policy.runtime.get("wal_dir"))
         timeout = float(policy.runtime.get("cold_start_deny_window", 30)) + 5.0
         deadline = time.monotonic() + timeout
         while (daemon := _engine_ready(paths)) is None:

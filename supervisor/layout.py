@@ -186,7 +186,7 @@ def allocate_slot(paths: StackPaths) -> int:
     host never get the same agent uids: the preferred slot, else the next free one. A stack keeps its
     slot across applies (its workspace is owned by those uids)."""
     registry = paths.state_dir.parent / "uid-slots.json"
-    registry.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    registry.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     fd = os.open(registry, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "r+", encoding="utf-8") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -287,8 +287,8 @@ def open_traversal(paths: StackPaths) -> None:
     for d in (paths.runtime_dir, paths.runtime_dir / "agents"):
         d.mkdir(parents=True, exist_ok=True, mode=0o711)
         st = os.lstat(d)
-        if st.st_uid == os.geteuid():
-            os.chmod(d, (st.st_mode & 0o777 & ~0o022) | 0o711)
+        if st.st_uid == os.geteuid():  # keep the sticky bit and the engine's group write; never other-write
+            os.chmod(d, (st.st_mode & 0o7777 & ~0o002) | 0o711)
 
 
 def read_state(files: SupervisorFiles) -> dict[str, Any] | None:

@@ -58,6 +58,13 @@ from faramesh.supervisor.layout import (
     write_private,
 )
 from faramesh.supervisor.logrelay import LogRelay
+from faramesh.supervisor.service_user import (
+    ServiceUser,
+    ServiceUserError,
+    engine_environment,
+    ensure_service_user,
+    prepare_engine_dirs,
+)
 from faramesh.supervisor.violations import ViolationMonitor, engine_sender
 from faramesh.supervisor.zygote import Zygote, ZygoteError
 
@@ -453,7 +460,10 @@ class Supervisor:
             _log("the engine keeps dying: FATAL, not restarting it")
             return
         _log("the engine is not running: restarting it")
-        start_engine(self.stack, self.files)
+        try:
+            start_engine(self.stack, self.files)  # plans of every agent, from the installed policy
+        except (OSError, ServiceUserError) as exc:
+            _log(f"cannot restart the engine: {exc}")
         self.engine_restarts += 1
         self.engine_next_check = now + self.engine_backoff.next_delay() + ENGINE_CHECK_INTERVAL
 
@@ -499,10 +509,22 @@ class Supervisor:
         }
 
 
-def _start_detached(command: str, stack: Path, log: Path) -> subprocess.Popen[bytes]:
-    """`faramesh <command> --dir STACK` detached: its own session, no death signal, output to `log`."""
+def _start_detached(
+    command: str,
+    stack: Path,
+    log: Path,
+    *,
+    env: dict[str, str] | None = None,
+    user: ServiceUser | None = None,
+) -> subprocess.Popen[bytes]:
+    """`faramesh <command> --dir STACK` detached: its own session, no death signal, output to `log`
+    (opened here, as root: the child never needs the log directory). With `user`, the child starts as
+    that user with only its operators group (Popen switches ids after fork, before exec)."""
     log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    ids: dict[str, Any] = {}
+    if user is not None:
+        ids = {"user": user.uid, "group": user.gid, "extra_groups": [user.operators_gid]}
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "faramesh.launchers.main", command, "--dir", str(stack)],
@@ -511,13 +533,30 @@ def _start_detached(command: str, stack: Path, log: Path) -> subprocess.Popen[by
             stderr=fd,
             start_new_session=True,
             cwd="/",
+            env=env,
+            **ids,
         )
     finally:
         os.close(fd)
 
 
-def start_engine(stack: Path, files: SupervisorFiles) -> subprocess.Popen[bytes]:
-    return _start_detached("serve", stack, files.engine_log)
+def start_engine(stack: Path, files: SupervisorFiles, plans: list[AgentPlan] | None = None,
+                 wal_dir: str | None = None) -> subprocess.Popen[bytes]:
+    """The engine, detached. As root it runs as the `faramesh` service user (DESIGN.md §2) with the
+    environment `engine_environment` builds; `plans` name the agents whose socket dirs it needs."""
+    if os.geteuid() != 0:
+        return _start_detached("serve", stack, files.engine_log)
+    user = ensure_service_user()
+    if plans is None or wal_dir is None:
+        from faramesh.engine.runner import load_installed_policy
+
+        with contextlib.suppress(Exception):
+            policy = load_installed_policy(files.paths.policy_copy)
+            plans = plans if plans is not None else plan_agents(stack, policy, files.paths)
+            wal_dir = wal_dir if wal_dir is not None else policy.runtime.get("wal_dir")
+    prepare_engine_dirs(files.paths, user, {p.agent_id: p.uid for p in plans or []}, wal_dir)
+    env = engine_environment(files.paths, os.environ)
+    return _start_detached("serve", stack, files.engine_log, env=env, user=user)
 
 
 def start_supervisor(stack: Path, files: SupervisorFiles) -> subprocess.Popen[bytes]:
