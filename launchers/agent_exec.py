@@ -7,6 +7,9 @@ lark, typer, yaml, cryptography, orjson or pyseccomp (the BPF comes precompiled,
 `-S` means no site-packages on sys.path: whoever execs this (the `.faramesh/bin/agent` shim, the zygote,
 tests) puts the directory holding the `faramesh` package on sys.path explicitly.
 
+With a terminal on stdin the agent gets a new pty and this process relays (launchers/pty_relay.py): the
+agent never holds the operator's terminal.
+
 Exit status: the agent's (128+signal if it was killed); 4 when the sandbox refused to start (the reason,
 with its stable code, on stderr: nothing was exec'd); 64 on a usage error.
 """
@@ -72,6 +75,10 @@ def main(args: list[str] | None = None) -> int:
         spec = sandbox_launch.spec_from_json(raw)
         sys.stdout.flush()
         sys.stderr.flush()
+        if os.isatty(0):  # never hand the operator's terminal to the agent: a new pty, relayed
+            from faramesh.launchers.pty_relay import run_with_pty
+
+            return run_with_pty(lambda: sandbox_launch.launch(spec, argv, report_fd=report_fd))
         return sandbox_launch.launch(spec, argv, report_fd=report_fd)
     except SandboxError as e:
         sys.stderr.write(f"agent_exec: sandbox refused to start: {e.code}: {e}\n")

@@ -15,8 +15,9 @@ pipe and C1 raises it; the agent never runs unconfined. Every launch writes an e
 was applied, what was not and why) to `report_fd` or stderr.
 
 Out of scope here (reported as "not applied"): the egress listener hand-off of S3 (SCM_RIGHTS to the
-supervisor) and a pty relay (the agent gets no controlling terminal: C2 calls setsid). The
-user-notification violation filter runs when the caller hands `notify_fd` (the supervisor does).
+supervisor). The agent gets no controlling terminal (C2 calls setsid); the launcher gives an
+interactive agent a pty of its own (launchers/pty_relay.py). The user-notification violation filter
+runs when the caller hands `notify_fd` (the supervisor does).
 
 Per-launch imports: os, ctypes, struct, errno, stat, _signal, _json and the sandbox modules (all imported
 here, before S5 hides the host tree: nothing may be imported lazily once the root has changed). The
@@ -346,9 +347,8 @@ def _c2(spec: SandboxSpec, argv: Sequence[str], env: dict[str, str], rules: Mapp
     caps.set_no_new_privs()
     caps.set_dumpable(False)
     os.setsid()
-    info["applied"].append("S7 securebits locked, all capability sets empty, no_new_privs, dumpable 0, setsid,"
-                           " pdeathsig SIGKILL tied to C1")
-    info["missing"].append("pty relay (the agent has no controlling terminal)")
+    info["applied"].append("S7 securebits locked, all capability sets empty, no_new_privs, dumpable 0, setsid"
+                           " (no controlling terminal), pdeathsig SIGKILL tied to C1")
     # S8: seccomp, last before the fd sweep: every earlier step needs calls the filter denies.
     _load_seccomp(spec, notify_fd, info)
     # S9: close every fd but 0/1/2, the kept ones and the status pipe.

@@ -357,3 +357,68 @@ def test_python_of_this_test_is_not_confined() -> None:
     with open("/proc/self/status") as f:
         assert "Seccomp:\t0" in f.read()
     assert sys.flags.isolated == 0
+
+
+PTY_AGENT = r"""
+import ctypes, fcntl, json, os, termios
+out = {"isatty": os.isatty(0), "rdev": os.fstat(0).st_rdev}
+try:
+    os.open("/dev/tty", os.O_RDWR)
+    out["dev_tty"] = "OPENED"
+except OSError as e:
+    out["dev_tty"] = e.errno
+try:
+    fcntl.ioctl(0, termios.TIOCSTI, b"x")
+    out["tiocsti"] = "INJECTED"
+except OSError as e:
+    out["tiocsti"] = e.errno
+out["echo"] = input()
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize("unprivileged", [False, True])
+def test_a_terminal_on_stdin_gets_a_new_pty_and_a_relay(pkg_root: str, stack: Stack, unprivileged: bool) -> None:
+    """The agent never holds the operator's terminal: it sees a pty of its own (not the caller's), has no
+    controlling terminal, cannot inject keystrokes, and what the operator types still reaches it."""
+    if unprivileged and not IS_ROOT:
+        pytest.skip("the unprivileged case runs from root via setpriv")
+    master, slave = os.openpty()
+    operator_tty = os.fstat(slave).st_rdev
+    spec_uid = stack.uid
+    s = stack
+    if unprivileged:
+        s = make_stack(65090)
+        spec_uid = 65090
+    try:
+        cmd = launcher_cmd(pkg_root, s, ["/usr/bin/python3", "-c", PTY_AGENT],
+                           unprivileged_uid=spec_uid if unprivileged else None)
+        if unprivileged:
+            os.chown(slave, spec_uid, -1)
+        proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                env={"PATH": "/usr/bin:/bin"})
+        os.close(slave)
+        os.write(master, b"typed by the operator\n")
+        buf = b""
+        deadline = time.monotonic() + 30
+        while b"RESULT " not in buf or not buf.rstrip().endswith(b"}"):
+            assert time.monotonic() < deadline, buf.decode(errors="replace")
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+        assert proc.wait(timeout=30) == 0, buf.decode(errors="replace")
+    finally:
+        os.close(master)
+        if unprivileged:
+            cleanup(s)
+    line = next(ln for ln in buf.decode(errors="replace").splitlines() if ln.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    assert result["isatty"] is True
+    assert result["rdev"] != operator_tty, (result, operator_tty)  # a pty of its own, not the caller's
+    assert result["dev_tty"] in (errno.ENXIO, errno.ENOENT, errno.EACCES), result  # no controlling terminal
+    assert result["tiocsti"] in (errno.EPERM, errno.EIO), result
+    assert result["echo"] == "typed by the operator"
