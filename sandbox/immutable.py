@@ -135,3 +135,92 @@ def unlock(path: str, when: str) -> None:
 def state(path: str) -> dict[str, str | bool | None]:
     """What `status` shows: the flag and the two xattrs."""
     return {"immutable": is_set(path), "version": get_xattr(path, "version"), "lock": get_xattr(path, "lock")}
+
+
+# --- BSD / macOS: chflags(2) ----------------------------------------------------------------------------
+# macOS has no FS_IOC_SETFLAGS (and no trusted.* xattrs); the same lock comes from the BSD file flags.
+# `uchg` (UF_IMMUTABLE) may be cleared by the owner or root; `schg` (SF_IMMUTABLE), which only root can set,
+# only by root and only at securelevel <= 0, so root sets both. os.chflags exists only where chflags(2)
+# does: on Linux these functions raise ImmutableUnsupported and the ioctl functions above are the path.
+# Never following a symlink is kept: lchflags, and a symlink (or anything but a file or directory) refused.
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Protocol
+
+    class _FlagStat(Protocol):
+        @property
+        def st_mode(self) -> int: ...
+
+    FlagSetter = Callable[[str, int], None]
+    FlagStat = Callable[[str], _FlagStat]
+
+BSD_IMMUTABLE_FLAGS = stat.UF_IMMUTABLE | stat.SF_IMMUTABLE
+
+
+def bsd_immutable_flags(is_root: bool) -> int:
+    """The flags a lock sets: uchg always, schg as well when we are root."""
+    return stat.UF_IMMUTABLE | (stat.SF_IMMUTABLE if is_root else 0)
+
+
+def _lchflags() -> FlagSetter:
+    chflags = getattr(os, "chflags", None)
+    if chflags is None:
+        raise ImmutableUnsupported("chflags(2) does not exist on this platform (Linux: set_immutable, the ioctl)")
+
+    def setter(path: str, flags: int) -> None:
+        chflags(path, flags, follow_symlinks=False)
+
+    return setter
+
+
+def get_flags_bsd(path: str, *, lstat: FlagStat | None = None) -> int:
+    """st_flags of `path` itself (never a symlink's target)."""
+    try:
+        st = (lstat or os.lstat)(path)
+    except OSError as e:
+        raise ImmutableError(f"lstat {path}", errno=e.errno) from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise ImmutableError(f"{path} is neither a regular file nor a directory")
+    flags = getattr(st, "st_flags", None)
+    if not isinstance(flags, int):
+        raise ImmutableUnsupported(f"{path}: this platform reports no BSD file flags (st_flags)")
+    return flags
+
+
+def _set_bsd(path: str, on: bool, is_root: bool | None, chflags: FlagSetter | None, lstat: FlagStat | None) -> None:
+    setter = chflags if chflags is not None else _lchflags()
+    wanted = bsd_immutable_flags(os.geteuid() == 0 if is_root is None else is_root)
+    current = get_flags_bsd(path, lstat=lstat)
+    new = (current | wanted) if on else (current & ~BSD_IMMUTABLE_FLAGS)
+    if new == current:
+        return
+    try:
+        setter(path, new)
+    except OSError as e:
+        cls = ImmutableUnsupported if e.errno in _UNSUPPORTED else ImmutableError
+        what = ("uchg,schg" if wanted & stat.SF_IMMUTABLE else "uchg") if on else "nouchg,noschg"
+        raise cls(f"chflags {what} {path}", errno=e.errno) from None
+    after = get_flags_bsd(path, lstat=lstat)
+    held = (after & wanted) == wanted if on else not after & BSD_IMMUTABLE_FLAGS
+    if not held:
+        raise ImmutableUnsupported(f"{path}: the filesystem silently ignored the immutable flags")
+
+
+def set_immutable_bsd(path: str, *, is_root: bool | None = None, chflags: FlagSetter | None = None,
+                      lstat: FlagStat | None = None) -> None:
+    """chflags uchg (and schg as root); other flags are kept. EPERM → ImmutableError, no flag support →
+    ImmutableUnsupported. `is_root` defaults to the effective uid; `chflags`/`lstat` replace the system
+    calls (tests on a platform without chflags(2))."""
+    _set_bsd(path, True, is_root, chflags, lstat)
+
+
+def clear_immutable_bsd(path: str, *, is_root: bool | None = None, chflags: FlagSetter | None = None,
+                        lstat: FlagStat | None = None) -> None:
+    """chflags nouchg,noschg (schg needs root at securelevel <= 0: otherwise EPERM → ImmutableError)."""
+    _set_bsd(path, False, is_root, chflags, lstat)
+
+
+def is_set_bsd(path: str, *, lstat: FlagStat | None = None) -> bool:
+    return bool(get_flags_bsd(path, lstat=lstat) & BSD_IMMUTABLE_FLAGS)
