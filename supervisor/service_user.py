@@ -139,8 +139,8 @@ def prepare_engine_dirs(
         os.chmod(paths.policy_copy, 0o640)  # the engine reads it; only `apply` (root) writes it
     if wal_dir:
         _own_dir(Path(wal_dir), user.uid, user.gid, 0o700)
-        for entry in Path(wal_dir).glob(f"{paths.stack_id}.sqlite*"):
-            os.chown(entry, user.uid, user.gid, follow_symlinks=False)
+        for wal_file in Path(wal_dir).glob(f"{paths.stack_id}.sqlite*"):
+            os.chown(wal_file, user.uid, user.gid, follow_symlinks=False)
     _own_dir(paths.runtime_dir, 0, user.gid, STICKY_TRAVERSABLE_DIR)
     agents = paths.runtime_dir / "agents"
     _own_dir(agents, 0, user.gid, STICKY_TRAVERSABLE_DIR)
