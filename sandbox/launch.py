@@ -29,7 +29,6 @@ C1 before any step), and the C2 → C1 status pipe carries length-prefixed `mars
 from __future__ import annotations
 
 import _signal as signal  # type: ignore[import-not-found]  # the C module: `signal` itself imports enum (≈4 ms per launch)
-import _socket  # SCM_RIGHTS for the violation listener; `socket` itself imports enum/selectors
 import binascii
 import errno
 import marshal
@@ -274,7 +273,10 @@ def _status_to_code(status: int) -> int:
 # --- C2 / C3 -------------------------------------------------------------------------------------------
 
 def _send_listener(notify_fd: int, listener: int) -> None:
-    """The violation filter's listener to the supervisor (SCM_RIGHTS on the socket it handed the launch)."""
+    """The violation filter's listener to the supervisor (SCM_RIGHTS on the socket it handed the launch).
+    `_socket` (not `socket`, which imports enum and selectors) was imported by _launch, before S5."""
+    import _socket
+
     sock = _socket.socket(fileno=notify_fd)
     try:
         sock.sendmsg([b"L"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, listener.to_bytes(4, "little"))])
@@ -475,6 +477,8 @@ def launch(spec: SandboxSpec, argv: Sequence[str], *, landlock_rules: Mapping[st
 
 def _launch(spec: SandboxSpec, argv: list[str], rules: Mapping[str, Sequence[str]] | None, report: _Report,
             host_env: dict[str, str], notify_fd: int | None = None) -> int:
+    if notify_fd is not None:
+        import _socket  # noqa: F401 - loaded now, while the host tree is whole (S5 hides it)
     out_fd_env = {"FARAMESH_AGENT_ID": spec.agent_id}
     if spec.egress_port is not None:
         out_fd_env["FARAMESH_PROXY_PORT"] = str(spec.egress_port)
