@@ -515,3 +515,222 @@ def validate_policy(policy: Any) -> None:
                 compile_egress(block)
             except EgressConfigError as exc:
                 raise EgressConfigError(f'agent "{agent_id}": {exc}') from None
+
+
+# ------------------------------------------------------------------------------ proxy tier (ports, resolved addresses)
+#
+# The proxy (engine/proxy.py) decides per connection: the name and port first (no DNS for a refused name),
+# then every resolved address. Entries there may carry a port (`api.example.com:443`, `*.example.com:8443`,
+# `[::1]:8080`, `10.0.0.0/8:443`); an allow entry without one means ports 80 and 443, a deny entry without
+# one means every port. The functions above keep their meaning for the SDK tier.
+
+DEFAULT_PORTS = frozenset({80, 443})
+_PORT_RE = re.compile(r"^[0-9]{1,5}$")
+
+# Reason codes of a proxy refusal (stable: they end up in DPRs).
+DENY_LISTED = "DENY_LISTED"  # an egress.deny entry matches
+NOT_ALLOWED = "NOT_ALLOWED"  # no egress.allow entry matches the host
+PORT_NOT_ALLOWED = "PORT_NOT_ALLOWED"  # an allow entry names the host, not this port
+IP_NOT_LISTED = "IP_NOT_LISTED"  # an IP literal that no allow entry lists
+REFUSED_NAME = "REFUSED_NAME"  # localhost / metadata names reached through a glob or `*`
+REFUSED_ADDRESS = "REFUSED_ADDRESS"  # resolved into a refused range through a glob or `*`
+
+
+@dataclass(frozen=True, slots=True)
+class PortEntry:
+    """An egress entry with the ports it covers; `ports` None: the default (allow: 80 and 443; deny: any)."""
+
+    entry: Entry
+    ports: frozenset[int] | None = None
+    text: str = ""  # the entry as written (with its port), for reasons and DPRs
+
+    def covers(self, port: int, *, default: frozenset[int] | None) -> bool:
+        ports = self.ports if self.ports is not None else default
+        return ports is None or port in ports
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyEgressPolicy:
+    allow: tuple[PortEntry, ...]
+    deny: tuple[PortEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TargetDecision:
+    """The proxy's decision on a host and port, before any lookup. `exact`: allowed by an entry that is
+    exactly this name or IP literal, the only kind that may reach an address in a refused range."""
+
+    allowed: bool
+    code: str
+    reason: str
+    rule: str | None = None
+    exact: bool = False
+
+
+def _parse_port(text: str, entry: str) -> int:
+    if not _PORT_RE.match(text) or not 1 <= int(text) <= 65535:
+        raise EgressConfigError(f'egress entry "{entry}": "{text}" is not a port (1-65535)')
+    return int(text)
+
+
+def parse_port_entry(text: str) -> PortEntry:
+    """An allow/deny entry of the proxy tier: what `parse_entry` reads, optionally followed by `:port`."""
+    if not isinstance(text, str):
+        raise EgressConfigError(f"egress entry {text!r} is not a string")
+    raw = text.strip()
+    if "://" in raw:
+        scheme, _, rest = raw.partition("://")
+        end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+        authority = rest[:end]
+        bracket = authority.rfind("]")
+        _, colon, port_text = authority[bracket + 1 :].rpartition(":")
+        if colon and port_text:
+            host_part = authority[: len(authority) - len(port_text) - 1]
+            return PortEntry(
+                parse_entry(f"{scheme}://{host_part}{rest[end:]}"), frozenset({_parse_port(port_text, text)}), text
+            )
+        return PortEntry(parse_entry(raw), None, text)
+    if raw.startswith("["):
+        close = raw.find("]")
+        if close != -1 and raw[close + 1 : close + 2] == ":":
+            return PortEntry(parse_entry(raw[: close + 1]), frozenset({_parse_port(raw[close + 2 :], text)}), text)
+        return PortEntry(parse_entry(raw), None, text)
+    if raw.count(":") == 1:
+        host_part, _, port_text = raw.partition(":")
+        return PortEntry(parse_entry(host_part), frozenset({_parse_port(port_text, text)}), text)
+    return PortEntry(parse_entry(raw), None, text)
+
+
+def compile_proxy_egress(block: Mapping[str, Any]) -> ProxyEgressPolicy:
+    """The agent's `egress` block → the proxy's matchers (entries may carry ports). EgressConfigError
+    names a bad entry."""
+    out: dict[str, tuple[PortEntry, ...]] = {}
+    for key in ("allow", "deny"):
+        entries = block.get(key) or ()
+        if isinstance(entries, str) or not isinstance(entries, list | tuple):
+            raise EgressConfigError(f"egress.{key} must be a list of hosts")
+        out[key] = tuple(parse_port_entry(e) for e in entries)
+    return ProxyEgressPolicy(out["allow"], out["deny"])
+
+
+def _ports_text(entries: list[PortEntry]) -> str:
+    ports: set[int] = set()
+    for e in entries:
+        ports |= e.ports if e.ports is not None else DEFAULT_PORTS
+    return ", ".join(str(p) for p in sorted(ports))
+
+
+def decide_target(policy: ProxyEgressPolicy, host: Host, port: int) -> TargetDecision:
+    """Whether the proxy may go on to resolve (or, for an IP literal, connect to) `host`:`port`.
+
+    Pure. Deny entries first; then allow. An IP literal must be listed by an IP or CIDR allow entry (`*`
+    does not list it); one in a refused range only by an entry that is exactly that literal. A refused
+    name (`localhost`, metadata names) only by an entry that is exactly that name."""
+    if host.ip is not None:
+        return _decide_ip(policy, canonical_ip(host.ip), port)
+    name = str(host.name)
+    for pe in policy.deny:
+        if _name_matches(pe.entry, name) and pe.covers(port, default=None):
+            return TargetDecision(False, DENY_LISTED, f'{name}:{port} matches egress.deny entry "{pe.text}"')
+    named = [pe for pe in policy.allow if _name_matches(pe.entry, name)]
+    covering = [pe for pe in named if pe.covers(port, default=DEFAULT_PORTS)]
+    exact = next((pe for pe in covering if pe.entry.kind == "name"), None)
+    if exact is not None:
+        return TargetDecision(True, "ALLOWED", f'egress.allow entry "{exact.text}"', exact.text, True)
+    refused = _refused_name(name)
+    if refused is not None and (covering or not named):
+        return TargetDecision(
+            False,
+            REFUSED_NAME,
+            f"{name} is a {refused}: allowed only by an egress.allow entry that is exactly this name",
+        )
+    if covering:
+        rule = covering[0].text
+        return TargetDecision(True, "ALLOWED", f'egress.allow entry "{rule}"', rule, False)
+    if named:
+        return TargetDecision(
+            False, PORT_NOT_ALLOWED, f"port {port} is not allowed for {name} (allowed: {_ports_text(named)})"
+        )
+    return TargetDecision(False, NOT_ALLOWED, f"{name} is not in egress.allow")
+
+
+def _decide_ip(policy: ProxyEgressPolicy, ip: IPAddress, port: int) -> TargetDecision:
+    def hits(e: Entry) -> bool:
+        return (e.kind == "ip" and e.ip == ip) or (e.kind == "cidr" and _in(ip, e.net))
+
+    for pe in policy.deny:
+        if (pe.entry.kind == "any" or hits(pe.entry)) and pe.covers(port, default=None):
+            return TargetDecision(False, DENY_LISTED, f'{ip} port {port} matches egress.deny entry "{pe.text}"')
+    listed = [pe for pe in policy.allow if hits(pe.entry)]
+    covering = [pe for pe in listed if pe.covers(port, default=DEFAULT_PORTS)]
+    exact = next((pe for pe in covering if pe.entry.kind == "ip"), None)
+    if exact is not None:
+        return TargetDecision(True, "ALLOWED", f'egress.allow entry "{exact.text}"', exact.text, True)
+    if covering:
+        rule = covering[0].text
+        return TargetDecision(True, "ALLOWED", f'egress.allow entry "{rule}"', rule, False)
+    if listed:
+        return TargetDecision(
+            False, PORT_NOT_ALLOWED, f"port {port} is not allowed for {ip} (allowed: {_ports_text(listed)})"
+        )
+    return TargetDecision(False, IP_NOT_LISTED, f"the IP literal {ip} is not listed in egress.allow")
+
+
+def classify_address(ip: IPAddress, own_addresses: frozenset[IPAddress] = frozenset()) -> str | None:
+    """`classify`, plus the host's own addresses (the proxy's view of "this machine"), compared in the
+    canonical form (an IPv4-mapped address is its IPv4 address)."""
+    refused = classify(ip)
+    if refused is None and canonical_ip(ip) in own_addresses:
+        return "this host's own address"
+    return refused
+
+
+def check_address(
+    decision: TargetDecision, ip: IPAddress, own_addresses: frozenset[IPAddress] = frozenset()
+) -> str | None:
+    """Why a resolved address may not be dialled under `decision`, or None. Only an exact entry reaches
+    a refused range (an internal service named on purpose); a glob or `*` never does."""
+    if not decision.allowed:
+        return decision.reason
+    if decision.exact:
+        return None
+    refused = classify_address(ip, own_addresses)
+    if refused is not None:
+        return (
+            f"resolves to {canonical_ip(ip)} ({refused}): a refused range is reachable only through an "
+            "egress.allow entry that is exactly this host name or IP literal"
+        )
+    return None
+
+
+def parse_host_port(text: str, default_port: int | None) -> tuple[Host, int]:
+    """`host:port`, `[v6]:port` or (with a default port) a bare host, as in a CONNECT target or a Host
+    header → the canonical Host and port. MalformedHost when it is anything else (userinfo, a path…)."""
+    _check_characters(text)
+    if not text or any(c in text for c in "@/?#"):
+        raise MalformedHost("a host[:port] with other URL parts")
+    if text.startswith("["):
+        close = text.find("]")
+        if close == -1:
+            raise MalformedHost("an unterminated [IPv6] host")
+        host = Host(ip=_parse_ipv6(text[1:close]))
+        rest = text[close + 1 :]
+    else:
+        if text.count(":") > 1:
+            raise MalformedHost("an IPv6 host without brackets")
+        name, colon, port_text = text.partition(":")
+        host = normalise_name(name)
+        rest = colon + port_text
+    if rest == "" and default_port is not None:
+        return host, default_port
+    if not rest.startswith(":") or not _PORT_RE.match(rest[1:]) or not 1 <= int(rest[1:]) <= 65535:
+        raise MalformedHost("a missing or invalid port")
+    return host, int(rest[1:])
+
+
+def without_ports(block: Mapping[str, Any]) -> dict[str, list[str]]:
+    """An `egress` block whose entries may carry ports (the proxy tier's reading) → the same hosts without
+    ports, for `compile_egress` (the SDK tier matches hosts in tool args, which carry no port decision).
+    EgressConfigError names a bad entry."""
+    policy = compile_proxy_egress(block)
+    return {"allow": [pe.entry.text for pe in policy.allow], "deny": [pe.entry.text for pe in policy.deny]}
