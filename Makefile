@@ -6,7 +6,7 @@ PY := /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 # Debian packages the suite needs; installed only when dpkg-query says one is missing.
-DEB_PACKAGES := python3 python3-venv python3-dev gcc libseccomp2 e2fsprogs postgresql
+DEB_PACKAGES := python3 python3-venv python3-dev gcc libseccomp2 e2fsprogs postgresql curl iproute2
 STAMP := $(VENV)/.installed
 
 .PHONY: test demo bench bench-deps lint typecheck pytest deps clean soak

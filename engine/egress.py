@@ -507,12 +507,13 @@ def check_args(policy: EgressPolicy, args: Any, raw: bytes | None = None) -> Ref
 
 
 def validate_policy(policy: Any) -> None:
-    """Every agent's `egress` block compiles (engine start and reload); EgressConfigError otherwise."""
+    """Every agent's `egress` block compiles for both tiers (engine start and reload): entries may carry
+    ports (the proxy's reading); EgressConfigError otherwise."""
     for agent_id, agent in policy.agents.items():
         block = agent.settings.get("egress")
         if block is not None:
             try:
-                compile_egress(block)
+                compile_egress(without_ports(block))
             except EgressConfigError as exc:
                 raise EgressConfigError(f'agent "{agent_id}": {exc}') from None
 

@@ -15,7 +15,7 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any
 
-from faramesh.engine.egress import EgressConfigError, EgressPolicy, check_args, compile_egress
+from faramesh.engine.egress import EgressConfigError, EgressPolicy, check_args, compile_egress, without_ports
 from faramesh.engine.policy.evaluate import DEFER, DENY, PERMIT, Decision, evaluate
 from faramesh.engine.policy.limits import (
     BudgetUsage,
@@ -410,7 +410,7 @@ class EngineState:
             return cached[1]
         compiled: EgressPolicy | EgressConfigError
         try:
-            compiled = compile_egress(block)
+            compiled = compile_egress(without_ports(block))
         except EgressConfigError as exc:
             compiled = exc
         self._egress[agent.agent_id] = (agent, compiled)

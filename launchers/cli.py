@@ -686,6 +686,14 @@ def _status_once(stack: Path, socket: Path | None, format: Format, *, compact: b
                 f"alerts    {alerts['sent']} sent, {alerts['failed']} failed, {alerts['dropped']} dropped, "
                 f"{alerts['queued']} queued\n"
             )
+        proxy = reply.get("egress_proxy")
+        if proxy:
+            refusals = sum(int(a.get("refusals", 0)) for a in (proxy.get("agents") or {}).values())
+            state = "running" if proxy.get("running") else "RESTARTING"
+            sys.stdout.write(
+                f"egress    proxy {state}  pid {proxy.get('pid')}  {proxy.get('listeners', 0)} listener(s), "
+                f"{proxy.get('open_connections', 0)} open, {refusals} refused, {proxy.get('restarts', 0)} restarts\n"
+            )
         if sup is not None:
             if sup["alive"]:
                 sys.stdout.write(f"supervisor running  pid {sup['pid']}  zygote {sup.get('zygote_pid')}\n")

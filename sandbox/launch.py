@@ -284,6 +284,44 @@ def _send_listener(notify_fd: int, listener: int) -> None:
         sock.detach()
 
 
+def _connect_intake(path: str) -> Any:
+    """C1, still the launching user (R3 has not run): a connection to the engine's egress intake, which
+    checks that uid. None when no engine listens (the sandbox then keeps an empty network)."""
+    import _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    sock.settimeout(5.0)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _hand_over_listener(intake: Any, agent_id: str, port: int) -> str | None:
+    """S3, in the new network namespace: a listener on 127.0.0.1:port, sent to the engine's proxy (SCM_RIGHTS)
+    and closed here — no process of the sandbox holds it, relays traffic or can rebind the port. Returns
+    None once the engine took it, else why not."""
+    import _socket
+
+    listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(("127.0.0.1", port))
+        listener.listen(512)
+        message = b'{"agent_id":"' + agent_id.encode() + b'"}'  # an agent id is [A-Za-z0-9._-]: nothing to escape
+        fds = listener.fileno().to_bytes(4, "little")
+        intake.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        reply = _loads(intake.recv(4096))
+    except (OSError, ValueError) as e:
+        return f"the engine's egress intake failed: {e}"
+    finally:
+        listener.close()
+    if isinstance(reply, dict) and reply.get("ok"):
+        return None
+    return f"the engine refused the listener: {reply.get('error') if isinstance(reply, dict) else reply!r}"
+
+
 def _load_seccomp(spec: SandboxSpec, notify_fd: int | None, info: dict[str, Any]) -> None:
     """S8. With a supervisor socket: the profile's filter minus the reported calls, plus the
     user-notification filter for those, whose listener goes to the supervisor and is closed here before
@@ -481,13 +519,27 @@ def _launch(spec: SandboxSpec, argv: list[str], rules: Mapping[str, Sequence[str
         import _socket  # noqa: F401 - loaded now, while the host tree is whole (S5 hides it)
     out_fd_env = {"FARAMESH_AGENT_ID": spec.agent_id}
     if spec.egress_port is not None:
+        # Every common client honours these; NO_PROXY is empty on purpose (a loopback entry would make
+        # clients bypass the proxy, and loopback inside the sandbox holds nothing but the proxy anyway).
+        proxy = f"http://127.0.0.1:{spec.egress_port}"
         out_fd_env["FARAMESH_PROXY_PORT"] = str(spec.egress_port)
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+            out_fd_env[name] = out_fd_env[name.lower()] = proxy
+        out_fd_env["NO_PROXY"] = out_fd_env["no_proxy"] = ""
     env = credentials.agent_environment(host_env, spec.env_allow, spec.env_deny_globs, extra=out_fd_env,
                                         home=spec.home)
     report.ok(f"environment from the allow-list ({len(env)} variables), HOME={spec.home}")
     is_root = os.geteuid() == 0
     if len(os.listdir("/proc/self/task")) != 1:
         raise SandboxError("launch() needs a single-threaded process (unshare/seccomp bind one thread)")
+
+    # The egress intake is reached now, as the launching user: after R3 only the agent's uid is left,
+    # which the engine would (rightly) refuse.
+    intake = None
+    if spec.egress_intake is not None and spec.egress_port is not None and spec.profile != "off":
+        intake = _connect_intake(spec.egress_intake)
+        if intake is None:
+            report.no(f"S3 egress: no engine answers on {spec.egress_intake} (the network stays empty)")
 
     # R1 (root) / rlimits and oom for everyone.
     if is_root:
@@ -534,7 +586,14 @@ def _launch(spec: SandboxSpec, argv: list[str], rules: Mapping[str, Sequence[str
     mounts.make_rslave("/")
     namespaces.bring_up_loopback()
     report.ok("S3 mounts slave, new network namespace with lo up")
-    report.no("S3 egress listener hand-off to the proxy (not implemented yet: no network path out)")
+    if intake is not None and spec.egress_port is not None:
+        problem = _hand_over_listener(intake, spec.agent_id, spec.egress_port)
+        if problem is None:
+            report.ok(f"S3 egress: 127.0.0.1:{spec.egress_port} is the engine's proxy (allow-listed hosts only)")
+        else:
+            report.no(f"S3 egress: {problem} (the network stays empty)")
+    elif spec.egress_port is None:
+        report.ok("S3 egress: none (no egress block: an empty network namespace)")
 
     # S4: fork C2. C1 only waits (forwarding SIGINT/SIGTERM to C2) and reports.
     status_r, status_w = os.pipe2(os.O_CLOEXEC)

@@ -55,6 +55,9 @@ _FIELDS: tuple[tuple[str, object, bool], ...] = (
     ("cgroup_pids_max", None, True),
     ("cgroup_memory_max", None, True),
     ("egress_port", None, True),
+    # The engine's intake socket: C1 connects before it drops root and hands over the listener it makes
+    # on 127.0.0.1:egress_port inside the new network namespace (S3).
+    ("egress_intake", None, True),
     ("keep_fds", (), True),
     ("seccomp_bpf", b"", False),
     # The same profile with the reported calls left to a second, user-notification filter whose listener
@@ -129,6 +132,7 @@ class SandboxSpec:
         cgroup_pids_max: int | None
         cgroup_memory_max: int | None
         egress_port: int | None
+        egress_intake: str | None
         keep_fds: tuple[int, ...]
         seccomp_bpf: bytes
         seccomp_notify_bpf: bytes
@@ -179,6 +183,10 @@ class SandboxSpec:
         paths = [self.workspace, self.stack_dir, self.home, *self.read_only_paths, *self.hidden_paths]
         if self.socket_dir is not None:
             paths.append(self.socket_dir)
+        if self.egress_intake is not None:
+            paths.append(self.egress_intake)
+            if self.egress_port is None:
+                raise SpecError("egress_intake needs egress_port")
         for p in paths:
             if not os.path.isabs(p) or os.path.normpath(p) != p.rstrip("/") or p == "/":
                 raise SpecError(f"path {p!r} must be absolute, normalised and not /")

@@ -156,9 +156,12 @@ class AgentPlan:
     workspace: Path
     socket_dir: Path
     cgroup: str = ""  # faramesh/<cgroup>: `<stack>/<agent>` (stack_cgroup), never shared across stacks
+    # With an `egress` block: where the launch hands its proxy listener to the engine (engine/egress_service.py).
+    egress_intake: Path | None = None
 
     def sandbox_settings(self) -> dict[str, Any]:
-        return {"argv": list(self.argv), "profile": self.profile, "workspace": str(self.workspace)}
+        return {"argv": list(self.argv), "profile": self.profile, "workspace": str(self.workspace),
+                "egress": self.egress_intake is not None}
 
 
 def stack_cgroup(stack_id: str) -> str:
@@ -248,7 +251,11 @@ def plan_agents(stack: Path, policy: CompiledPolicy, paths: StackPaths) -> list[
         # Several agents never share a workspace (each owns its own): one subdirectory each.
         ws = workspace if len(policy.agents) == 1 else workspace / agent_id
         cgroup = f"{stack_cgroup(paths.stack_id)}/{agent_id}"
-        plans.append(AgentPlan(agent_id, argv, profile, uid, ws, paths.agent_socket(agent_id).parent, cgroup))
+        has_egress = policy.agents[agent_id].settings.get("egress") is not None and profile != "off"
+        intake = paths.runtime_dir / "egress.sock" if has_egress else None
+        plans.append(
+            AgentPlan(agent_id, argv, profile, uid, ws, paths.agent_socket(agent_id).parent, cgroup, intake)
+        )
     return plans
 
 
@@ -261,6 +268,11 @@ def prepare_workspace(plan: AgentPlan) -> None:
         os.fchmod(fd, 0o750)
     finally:
         os.close(fd)
+
+
+# The port the proxy listener takes inside every sandbox's own network namespace (one per sandbox, so
+# every agent can use the same one): HTTP(S)_PROXY=http://127.0.0.1:3128.
+EGRESS_PROXY_PORT = 3128
 
 
 def build_spec_json(plan: AgentPlan, stack: Path) -> str:
@@ -276,6 +288,8 @@ def build_spec_json(plan: AgentPlan, stack: Path) -> str:
         socket_dir=str(plan.socket_dir),
         hidden_paths=(str(stack / ".faramesh"),),
         cgroup_name=plan.cgroup or None,
+        egress_port=EGRESS_PROXY_PORT if plan.egress_intake is not None else None,
+        egress_intake=str(plan.egress_intake) if plan.egress_intake is not None else None,
     )
     return spec_to_json(spec)
 

@@ -145,7 +145,7 @@ def prepare_engine_dirs(
     agents = paths.runtime_dir / "agents"
     _own_dir(agents, 0, user.gid, STICKY_TRAVERSABLE_DIR)
     # Sockets a previous engine left are root's or faramesh's: gone before the engine binds anew.
-    stale = [paths.runtime_dir / "operator.sock", *agents.glob("*/agent.sock")]
+    stale = [paths.runtime_dir / "operator.sock", paths.runtime_dir / "egress.sock", *agents.glob("*/agent.sock")]
     for sock in stale:
         if sock.is_socket():
             sock.unlink()
