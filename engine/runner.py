@@ -2,8 +2,8 @@
 
 dev: compile the stack, in-memory WAL, ephemeral signing key, one socket serving agent and operator
 roles, pretty DPRs on stderr. serve: the installed compiled policy (never governance.fms), the SQLite
-WAL, the persisted keys, `operator.sock` plus one socket directory per declared agent; one engine per
-stack, held by flock.
+WAL (or PostgreSQL: `runtime { backend = "postgres" }`), the persisted keys, `operator.sock` plus one
+socket directory per declared agent; one engine per stack, held by flock.
 """
 
 from __future__ import annotations
@@ -13,17 +13,21 @@ import fcntl
 import hashlib
 import os
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
-from faramesh.engine.alerts import AlertConfig, AlertDispatcher, MissingEnvironment
+from faramesh.engine.alerts import AlertConfig, AlertDispatcher, MissingEnvironment, resolve_env_refs
 from faramesh.engine.paths import StackPaths, stack_paths
 from faramesh.engine.pipeline import EngineState
 from faramesh.engine.policy.model import CompiledPolicy, policy_from_json
 from faramesh.engine.server import EngineServer, ServerConfig, SocketSpec, ensure_private_dir
-from faramesh.engine.wal.log import Wal
+from faramesh.engine.wal.log import Wal, new_ulid
 from faramesh.engine.wal.signer import ephemeral_signer, load_or_create_signer
-from faramesh.engine.wal.store import DEFAULT_REPLAY_RETENTION, MemoryStore, SqliteStore
+from faramesh.engine.wal.store import DEFAULT_REPLAY_RETENTION, MemoryStore, SqliteStore, StoreError
+
+if TYPE_CHECKING:  # never at run time: psycopg is loaded only when the policy selects PostgreSQL
+    from faramesh.engine.wal.pg_store import PgStore
 
 
 class EngineStartError(Exception):
@@ -118,33 +122,73 @@ def load_installed_policy(path: Path, expected_version: str | None = None) -> Co
     return policy_from_json(raw)
 
 
+def _postgres_store(
+    runtime: Mapping[str, Any],
+    paths: StackPaths,
+    sync: str,
+    environ: Mapping[str, str],
+    clock: Callable[[], float],
+) -> tuple[PgStore, dict[str, Any]]:
+    """The PostgreSQL WAL store for `runtime { backend = "postgres" }` and its description for status.
+
+    psycopg is imported here and only here, so a SQLite or memory engine never loads it. The URL is a
+    secret reference resolved from the engine's environment; it (and its password) never reaches an
+    error message, a log line or the status reply: those name the host, database and chain."""
+    reference = runtime.get("postgres_url")
+    if reference is None:
+        raise EngineStartError('runtime backend = "postgres" needs `postgres_url = env("…")`')
+    try:
+        url = resolve_env_refs(reference, environ, "runtime.postgres_url")
+    except MissingEnvironment as exc:
+        raise EngineStartError(str(exc)) from None
+    if not isinstance(url, str) or not url.strip():
+        raise EngineStartError("runtime.postgres_url is empty: it must be a PostgreSQL URL or connection string")
+    try:
+        from faramesh.engine.wal import pg_store
+    except ImportError as exc:
+        raise EngineStartError(
+            f'runtime backend = "postgres" needs psycopg ({exc.name or exc}): pip install "faramesh[providers]"'
+        ) from None
+    try:
+        chain_id = pg_store.load_or_create_chain_id(paths.state_dir / "chain_id", lambda: new_ulid(clock()))
+        store = pg_store.PgStore(url, chain_id, sync)
+    except (StoreError, OSError) as exc:  # neither carries the URL: PgStore masks it, OSError names the file
+        raise EngineStartError(f"cannot set up the PostgreSQL WAL: {exc}") from None
+    # Named as `faramesh audit` names it (host, port, database, schema, chain): no credential in it.
+    wal_info = {"backend": "postgres", "path": f"{store.db.where} chain {chain_id}", "sync": sync, "chain_id": chain_id}
+    return store, wal_info
+
+
 def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = None) -> EngineServer:
+    import time
+
     source = policy_file or paths.policy_copy
     policy = load_installed_policy(source)
     runtime = policy.runtime
     backend = runtime.get("backend", "sqlite")
-    if backend == "postgres":
-        raise EngineStartError('backend = "postgres" is not available in this build yet; use sqlite')
-    import time
-
+    sync = str(runtime.get("wal_sync", "full"))
+    ensure_private_dir(paths.state_dir, 0o700)  # keys, and the PostgreSQL chain id, live there
+    store: MemoryStore | SqliteStore | PgStore
     if backend == "memory":
-        store: MemoryStore | SqliteStore = MemoryStore()
-        wal_info = {"backend": "memory", "path": None, "sync": None}
+        store = MemoryStore()
+        wal_info: dict[str, Any] = {"backend": "memory", "path": None, "sync": None}
+    elif backend == "postgres":
+        store, wal_info = _postgres_store(runtime, paths, sync, os.environ, time.time)
     else:
         wal_path = paths.wal_path(runtime.get("wal_dir"))
-        sync = str(runtime.get("wal_sync", "full"))
         store = SqliteStore(wal_path, sync)
         wal_info = {"backend": "sqlite", "path": str(wal_path), "sync": sync}
     store.retention_seconds = _retention(policy)
     alerts = _alerts(policy, dev=False)
-    ensure_private_dir(paths.state_dir, 0o700)
     signer = load_or_create_signer(paths.signing_key)
     wal = Wal(
         store,
         signer,
         clock=time.time,
         signing_required=bool(runtime.get("signing_required", False)),
-        commit_inline=wal_info["sync"] != "full",
+        # Inline only where a commit is a few microseconds (memory, SQLite without fdatasync). A PostgreSQL
+        # commit is a network round trip, and may wait out a reconnect: never on the event loop.
+        commit_inline=backend == "memory" or (backend == "sqlite" and sync != "full"),
     )
     state = EngineState(policy, hmac_key=_read_private_key(paths.hmac_key, 32), dev=False)
     sockets = [SocketSpec(Path(str(runtime.get("socket") or paths.operator_socket)), "operator", None, 0o660)]
@@ -157,6 +201,7 @@ def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = 
         wal_description=wal_info,
         logs={"engine": str(paths.log_dir / "engine.log")},
         stack_dir=str(stack_dir),
+        egress_intake=paths.runtime_dir / "egress.sock",
     )
 
     def loader(version: str) -> CompiledPolicy:

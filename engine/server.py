@@ -27,6 +27,7 @@ import orjson
 from faramesh import sdnotify
 from faramesh.engine.alerts import AlertConfig, AlertDispatcher
 from faramesh.engine.egress import EgressConfigError, validate_policy
+from faramesh.engine.egress_service import EgressService, egress_blocks
 from faramesh.engine.pipeline import EngineState, Peer
 from faramesh.engine.policy.model import CompiledPolicy
 from faramesh.engine.protocol import (
@@ -72,6 +73,7 @@ class ServerConfig:
     logs: dict[str, str] = field(default_factory=dict)
     stack_dir: str | None = None
     idle_partial_line_s: float = IDLE_PARTIAL_LINE_S  # tests shorten it
+    egress_intake: Path | None = None  # where launches hand over sandbox listeners (engine/egress_service.py)
 
 
 class ChainBroken(Exception):
@@ -116,6 +118,7 @@ class EngineServer:
         self.connections: set[asyncio.StreamWriter] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
+        self.egress: EgressService | None = None
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -146,11 +149,14 @@ class EngineServer:
             self._log(f"refusing to start: {exc}")
             self.lifecycle = HALT
             await self._close_sockets()
-            return 1
+            # An unreachable database or a chain another engine holds is a runtime failure (4); a broken
+            # or unreadable chain is a refusal (1).
+            return 4 if getattr(exc, "code", "") in ("WAL_UNAVAILABLE", "WAL_CHAIN_LOCKED") else 1
         self.wal.start()
         self.alerts.start()
         for problem in self.alerts.check_policy(self.policy):
             self._log(problem)
+        await self._ensure_egress(None)
         try:
             activated = await self._record_policy_activation(
                 "start", self.policy.version, self.wal.meta.get("policy_version")
@@ -279,6 +285,8 @@ class EngineServer:
             server.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), 10)
+        if self.egress is not None:
+            await self.egress.close()
         await self.wal.close()
         await self.alerts.close()
         await self._close_sockets()
@@ -592,8 +600,10 @@ class EngineServer:
             raise _VerbError(
                 "WAL_WRITE_FAILURE", "the policy change could not be recorded; the running policy stays"
             ) from exc
+        previous = self.policy
         self.policy = policy
         self.state.policy = policy
+        await self._ensure_egress(previous)
         self.alerts.configure(alert_config)
         for problem in self.alerts.check_policy(policy):
             self._log(problem)
@@ -623,6 +633,29 @@ class EngineServer:
             raise _VerbError("WAL_WRITE_FAILURE", f"the {message.fields['event']} event could not be recorded") from exc
         self._show(record)
         return {"id": record_id, "action_type": record["action_type"], "policy_version": self.policy.version}
+
+    async def _ensure_egress(self, previous: CompiledPolicy | None) -> None:
+        """The egress proxy runs while some agent has an `egress` block (and the engine has an intake path)."""
+        if self.config.egress_intake is None:
+            return
+        if self.egress is None:
+            if not egress_blocks(self.policy):
+                return
+            self.egress = EgressService(self.config.egress_intake, self._record_egress, log=self._log)
+            await self.egress.start(self.policy)
+            return
+        await self.egress.apply_policy(self.policy, previous)
+
+    async def _record_egress(self, fields: dict[str, Any]) -> None:
+        """One proxy connection (or an aggregate of them) as a DPR; denies fire the agent's alerts."""
+        now, record_id, timestamp = self._ids()
+        record = {"id": record_id, "time": timestamp, "epoch_ms": int(now * 1000), **fields,
+                  "policy_version": self.policy.version, "dev": self.state.dev}  # fmt: skip
+        await self.wal.append(record)
+        self._show(record)
+        agent = self.policy.agents.get(str(record.get("agent_id")))
+        if agent is not None and agent.alerts and record["effect"] == "DENY":
+            self.alerts.decision(agent, record, None)
 
     async def _verb_sandbox_violation(self, message: Message, peer: Peer) -> dict[str, Any]:
         """The supervisor reports calls the agent's seccomp violation filter caught (and it answered EPERM),
@@ -711,6 +744,7 @@ class EngineServer:
                 "logs": self.config.logs,
             },
             "providers": [],
+            "egress_proxy": self.egress.status() if self.egress is not None else None,
             "budgets": budgets,
             "approvals": {"pending": len(pending), "oldest_age_seconds": oldest},
             "alerts": self.alerts.snapshot(),

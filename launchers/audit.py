@@ -1,8 +1,10 @@
 """`faramesh audit …` (verify, tail, show, export, verify-bundle, backup) and `faramesh explain`.
 
-They read the SQLite WAL `faramesh serve` writes, directly and read-only (engine/wal/store.py
-`SqliteReader`), so they work while the engine runs and when it is stopped; they never talk to the
-engine. `faramesh dev` keeps its WAL in memory: on a dev stack they say so and exit 1.
+They read the WAL `faramesh serve` writes, directly and read-only — the SQLite file (engine/wal/store.py
+`SqliteReader`) or, for `runtime { backend = "postgres" }`, the engine's chain in PostgreSQL
+(engine/wal/pg_store.py `PgReader`, with `postgres_url` resolved from this environment, then from the
+engine's environment file) — so they work while the engine runs and when it is stopped; they never
+talk to the engine. `faramesh dev` keeps its WAL in memory: on a dev stack they say so and exit 1.
 
 Nothing heavy is imported at module level (the CLI's `--help` must stay fast), and nothing is
 imported from launchers/cli.py at module level either: `python -m faramesh.launchers.cli` runs that
@@ -25,8 +27,8 @@ import typer
 if TYPE_CHECKING:
     from faramesh.engine.paths import StackPaths
     from faramesh.engine.policy.model import CompiledPolicy
-    from faramesh.engine.wal.audit_ops import PinnedKeys
-    from faramesh.engine.wal.store import SqliteReader, StoredRecord
+    from faramesh.engine.wal.audit_ops import PinnedKeys, WalReader
+    from faramesh.engine.wal.store import StoredRecord
 
 # The exit codes of DESIGN.md §4, as launchers/cli.py names them.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 64
@@ -59,6 +61,13 @@ WalOpt = Annotated[
     Path | None,
     typer.Option("--wal", help="Read this SQLite WAL file (e.g. a backup) instead of the stack's own."),
 ]
+ChainOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--chain",
+        help="PostgreSQL WAL: the chain (one per engine) to read; default: this stack's own, else the only one.",
+    ),
+]
 KeyOpt = Annotated[
     list[Path] | None,
     typer.Option(
@@ -79,8 +88,8 @@ audit_app = typer.Typer(
 
 
 def _wal_errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """A WAL file damaged below the record level (SQLite itself cannot read it) is a failed check with
-    a message, never an internal error."""
+    """A WAL file damaged below the record level (SQLite itself cannot read it), or a PostgreSQL WAL
+    whose database stops answering mid-read, is a failed check with a message, never an internal error."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
@@ -89,7 +98,9 @@ def _wal_errors(fn: Callable[..., None]) -> Callable[..., None]:
         except Exception as exc:
             import sqlite3
 
-            if isinstance(exc, sqlite3.DatabaseError):
+            from faramesh.engine.wal.store import StoreError
+
+            if isinstance(exc, sqlite3.DatabaseError | StoreError):  # StoreError messages carry no password
                 _fail(f"the WAL cannot be read: {exc}")
             raise
 
@@ -128,18 +139,37 @@ def _paths(stack: Path | None) -> StackPaths | None:
     return stack_paths(stack) if stack is not None else None
 
 
-def _open(stack: Path | None, paths: StackPaths | None, wal: Path | None) -> SqliteReader:
+def _environ(paths: StackPaths | None) -> dict[str, str]:
+    """What resolves `postgres_url = env("…")` here: this process's environment, over the engine's
+    environment file (`apply` keeps the secret references there, root 0600) when it is readable."""
+    environ = dict(os.environ)
+    if paths is None:
+        return environ
+    from faramesh.supervisor.service_user import read_env_file
+
+    try:
+        saved = read_env_file(paths.env_file(environ))
+    except (OSError, UnicodeDecodeError):  # not ours to read (another user's stack): the environment alone
+        saved = {}
+    return {**saved, **environ}
+
+
+def _open(stack: Path | None, paths: StackPaths | None, wal: Path | None, chain: str | None = None) -> WalReader:
     from faramesh.engine.wal.audit_ops import AuditError, locate_wal, open_reader
 
-    where = locate_wal(stack, paths, wal)
-    if where.path is None:
+    where = locate_wal(stack, paths, wal, environ=_environ(paths) if wal is None else None)
+    if not where.found:
         _fail(str(where.problem))
     if where.note:
         _warn(where.note)
     try:
-        return open_reader(where.path)
+        reader = open_reader(where, chain)
     except AuditError as exc:
         _fail(str(exc))
+    if chain is not None and reader.chain_id != chain:  # a SQLite WAL holds one chain
+        reader.close()
+        _fail(f"{reader.path} holds chain {reader.chain_id}, not {chain}")
+    return reader
 
 
 def _pins(paths: StackPaths | None, keys: list[Path] | None) -> PinnedKeys:
@@ -205,6 +235,7 @@ class _Progress:
 def audit_verify(
     dir: DirOpt = None,
     wal: WalOpt = None,
+    chain_id: ChainOpt = None,
     from_seq: Annotated[
         int | None, typer.Option("--from", min=1, help="First seq to verify, linked to the stored hash before it.")
     ] = None,
@@ -226,7 +257,7 @@ def audit_verify(
     stack = _stack(dir, wal)
     paths = _paths(stack)
     pins = _pins(paths, key)
-    with _open(stack, paths, wal) as reader:
+    with _open(stack, paths, wal, chain_id) as reader:
         total, _, last = reader.bounds()
         span = max(0, min(to_seq or last, last) - (from_seq or 1) + 1)
         meter = _Progress(span, progress or sys.stderr.isatty())
@@ -296,6 +327,7 @@ def _summary_line(rec: StoredRecord) -> str:
 def audit_tail(
     dir: DirOpt = None,
     wal: WalOpt = None,
+    chain_id: ChainOpt = None,
     agent: Annotated[str | None, typer.Option("--agent", help="Only this agent's records.")] = None,
     effect: Annotated[Effect | None, typer.Option("--effect", case_sensitive=False, help="Only this effect.")] = None,
     tool: Annotated[str | None, typer.Option("--tool", help="Only tools matching this id or glob (refund*).")] = None,
@@ -306,7 +338,7 @@ def audit_tail(
     from faramesh.engine.wal.audit_ops import record_dict
 
     stack = _stack(dir, wal)
-    with _open(stack, _paths(stack), wal) as reader:
+    with _open(stack, _paths(stack), wal, chain_id) as reader:
         records = reader.tail(lines, agent_id=agent, effect=effect.value if effect else None, tool_glob=tool)
     if format is Format.json:
         _emit_json({"records": [record_dict(r) for r in records]})
@@ -359,6 +391,7 @@ def audit_show(
     dpr_id: Annotated[str, typer.Argument(metavar="ID", help="The DPR id (the action_id a reply carried).")],
     dir: DirOpt = None,
     wal: WalOpt = None,
+    chain_id: ChainOpt = None,
     key: KeyOpt = None,
     format: FormatOpt = Format.text,
 ) -> None:
@@ -370,7 +403,7 @@ def audit_show(
     stack = _stack(dir, wal)
     paths = _paths(stack)
     pins = _pins(paths, key)
-    with _open(stack, paths, wal) as reader:
+    with _open(stack, paths, wal, chain_id) as reader:
         rec = reader.record_by_id(dpr_id)
         if rec is None:
             _fail(f"no record {dpr_id} in {reader.path}")
@@ -396,6 +429,7 @@ def audit_show(
 def audit_export(
     dir: DirOpt = None,
     wal: WalOpt = None,
+    chain_id: ChainOpt = None,
     as_: Annotated[ExportAs, typer.Option("--as", help="jsonl and json are verifiable bundles; csv is a table.")] = (
         ExportAs.jsonl
     ),
@@ -418,7 +452,7 @@ def audit_export(
     paths = _paths(stack)
     pins = _pins(paths, []) if include_public_keys else PinnedKeys()
 
-    with _open(stack, paths, wal) as reader:
+    with _open(stack, paths, wal, chain_id) as reader:
         if out is None:
             sys.stdout.flush()
             summary = export(
@@ -624,7 +658,7 @@ def _policy_for(
     return policy, label, warning
 
 
-def _state_before(reader: SqliteReader, policy: CompiledPolicy, agent_id: str, seq: int, when: float) -> Any:
+def _state_before(reader: WalReader, policy: CompiledPolicy, agent_id: str, seq: int, when: float) -> Any:
     """Rate buckets and budget usage as the engine had them just before `seq`, rebuilt from the WAL the
     way the engine rebuilds them at start-up (EngineState.replay over the agent's earlier records)."""
     from types import MappingProxyType
@@ -656,6 +690,7 @@ def explain(
     dpr_id: Annotated[str, typer.Argument(metavar="DPR_ID", help="The DPR id (the action_id a reply carried).")],
     dir: DirOpt = None,
     wal: WalOpt = None,
+    chain_id: ChainOpt = None,
     policy: Annotated[
         Path | None, typer.Option("--policy", help="A compiled policy to explain with (default: the DPR's version).")
     ] = None,
@@ -671,7 +706,7 @@ def explain(
     stack = _stack(dir, wal)
     paths = _paths(stack)
     pins = _pins(paths, key)
-    with _open(stack, paths, wal) as reader:
+    with _open(stack, paths, wal, chain_id) as reader:
         rec = reader.record_by_id(dpr_id)
         if rec is None:
             _fail(f"no record {dpr_id} in {reader.path}")
@@ -853,8 +888,10 @@ def plan_replay(stack: Path, new: CompiledPolicy, base: dict[str, Any] | None, s
     assert paths is not None
     start = rfc3339(time.time() - seconds)
     out: dict[str, Any] = {"since": since, "from_time": start, "wal": None, "note": None}
-    where = locate_wal(stack, paths, None, runtime=installed_runtime(stack, paths) or thaw(new.runtime))
-    if where.path is None:
+    where = locate_wal(
+        stack, paths, None, runtime=installed_runtime(stack, paths) or thaw(new.runtime), environ=_environ(paths)
+    )
+    if not where.found:
         out["note"] = where.problem
         return out
     old, baseline = None, "the decisions as recorded"
@@ -868,7 +905,7 @@ def plan_replay(stack: Path, new: CompiledPolicy, base: dict[str, Any] | None, s
         except (OSError, CompiledPolicyError):
             old = None
     try:
-        reader = open_reader(where.path)
+        reader = open_reader(where)
     except AuditError as exc:
         out["note"] = str(exc)
         return out
@@ -899,14 +936,16 @@ def plan_replay(stack: Path, new: CompiledPolicy, base: dict[str, Any] | None, s
 
     import sqlite3
 
+    from faramesh.engine.wal.store import StoreError
+
     try:
         with reader:
             report = replay(requests(), new, old)
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, StoreError) as exc:
         out["note"] = f"the WAL cannot be read: {exc}"
         return out
     out.update(report.to_dict())
-    out["wal"] = str(where.path)
+    out["wal"] = str(reader.path)
     out["baseline_text"] = baseline
     out["not_evaluated"] = no_args
     return out

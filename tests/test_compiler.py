@@ -701,3 +701,12 @@ def test_moderately_nested_conditions_compile_and_evaluate() -> None:
     # an even number of `not`s: the rule holds exactly when `flagged` is true
     assert evaluate(policy, {"agent_id": "a", "tool_id": "x", "args": {"flagged": True}}).effect == "PERMIT"
     assert evaluate(policy, {"agent_id": "a", "tool_id": "x", "args": {"flagged": False}}).effect == "DENY"
+
+
+def test_a_postgres_wal_without_its_url_is_refused_at_compile_time() -> None:
+    src = 'runtime {\n  backend = "postgres"\n}\nagent "a" {\n  default deny\n}\n'
+    with pytest.raises(PolicySchemaError, match="postgres_url") as info:
+        compile_src(src)
+    assert info.value.pos is not None and ":2:" in str(info.value.pos)
+    ok = compile_src('runtime {\n  backend = "postgres"\n  postgres_url = env("PG")\n}\nagent "a" {\n  default deny\n}\n')
+    assert ok.runtime["postgres_url"] == {"$env": "PG"}

@@ -457,6 +457,13 @@ def compile_files(
     """
     c = _Compiler(env or {}, options or CompileOptions())
     runtime, providers, identities = c.file_blocks(main)
+    problem = schema.runtime_problem(runtime)
+    if problem is not None:
+        message, field_name = problem
+        where = next(
+            (a.pos for b in main.blocks if b.kind == "runtime" for a in b.fields if a.name == field_name), None
+        )
+        raise PolicySchemaError(message, pos=where)
     if "timezone" in runtime:
         _check_timezone(runtime["timezone"], main)
     trust = c.trust(main)

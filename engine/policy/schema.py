@@ -7,9 +7,10 @@ start, so no compiled artifact or policy hash ever contains a secret.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from difflib import get_close_matches
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,21 @@ RUNTIME: dict[str, Field] = {
     "slack_webhook_url": SECRET,
     "replay_retention": D,  # how long the redacted args of each request are kept for replay (default 7d)
 }
+
+
+def runtime_problem(runtime: Mapping[str, Any]) -> tuple[str, str] | None:
+    """A rule across fields of a compiled `runtime` block: (message, the field to point at), or None.
+
+    A PostgreSQL WAL without its URL would only fail when the engine starts, on the production host;
+    said at compile time, `check`/`plan`/`apply` refuse it before anything changes."""
+    if runtime.get("backend") == "postgres" and "postgres_url" not in runtime:
+        return (
+            'runtime backend = "postgres" needs `postgres_url`, the database to keep the WAL in; write it as '
+            '`postgres_url = env("FARAMESH_PG_URL")` (its password stays in the engine\'s environment)',
+            "backend",
+        )
+    return None
+
 
 _COMMON_PROVIDER = {"type": Field("str", required=True), "timeout": D}
 

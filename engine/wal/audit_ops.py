@@ -1,8 +1,10 @@
 """The logic behind `faramesh audit …` and `explain`: finding a stack's WAL, pinned keys, verification
 of a WAL or of an exported bundle, export, backup and the chain position of one record.
 
-Everything reads the WAL through `SqliteReader` (read-only, one snapshot), so it works beside a
-running engine and on a stopped one. Nothing here prints; the CLI renders what these return.
+Everything reads the WAL through a read-only reader holding one snapshot — `SqliteReader`, or
+`PgReader` for `runtime { backend = "postgres" }` (engine/wal/pg_store.py, imported only then, so
+psycopg is never loaded for a SQLite stack) — so it works beside a running engine and on a stopped
+one. Nothing here prints; the CLI renders what these return.
 
 Bundles (`audit export --as jsonl|json`) carry each DPR as the JSON object whose RFC 8785 bytes were
 hashed, with its `record_hash`, and the checkpoints (seq, head hash, kind, key fingerprint, signature)
@@ -24,12 +26,20 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, Self
 
 import orjson
 from faramesh.engine.paths import StackPaths
 from faramesh.engine.wal.dpr import NonCanonicalArgs, canonical_bytes, chain_hash
-from faramesh.engine.wal.store import Checkpoint, NotAWal, RecordRow, SqliteReader, StoredRecord
+from faramesh.engine.wal.store import (
+    Checkpoint,
+    NotAWal,
+    RecordRow,
+    RecordStream,
+    SqliteReader,
+    StoredRecord,
+    StoreError,
+)
 from faramesh.engine.wal.verify import _AS_ROW, VerifyReport, verify_chain
 
 BUNDLE_FORMAT = "faramesh.audit-bundle/v1"
@@ -45,14 +55,60 @@ class AuditError(Exception):
     """A condition the CLI reports as a failed check (exit 1), with a message for the operator."""
 
 
+class WalReader(Protocol):
+    """What the audit commands read a WAL through: `SqliteReader` or `PgReader`, one snapshot each."""
+
+    @property
+    def chain_id(self) -> str: ...
+    @property
+    def path(self) -> Path | str: ...  # where it is, for messages (never a secret)
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def close(self) -> None: ...
+    def bounds(self) -> tuple[int, int, int]: ...
+    def records(self, from_seq: int = 1, to_seq: int | None = None) -> RecordStream: ...
+    def record_at(self, seq: int) -> StoredRecord | None: ...
+    def record_by_id(self, record_id: str) -> StoredRecord | None: ...
+    def tail(
+        self,
+        n: int,
+        *,
+        agent_id: str | None = None,
+        effect: str | None = None,
+        tool_glob: str | None = None,
+        action_type: str | None = None,
+    ) -> list[StoredRecord]: ...
+    def records_since(
+        self,
+        since_time: str,
+        *,
+        agent_id: str | None = None,
+        before_seq: int | None = None,
+        action_type: str | None = None,
+    ) -> Iterator[StoredRecord]: ...
+    def tool_calls_since(self, since_time: str) -> Iterator[tuple[StoredRecord, bytes | None]]: ...
+    def request_args(self, seq: int) -> bytes | None: ...
+    def checkpoints(self) -> list[Checkpoint]: ...
+    def checkpoint_covering(self, seq: int) -> Checkpoint | None: ...
+
+
 # ------------------------------------------------------------------------------------ where the WAL is
 
 
 @dataclass(frozen=True)
 class WalLocation:
+    """A SQLite WAL file (`path`), a PostgreSQL WAL (`postgres_url`, resolved from the environment:
+    a secret, kept out of repr), or neither and `problem` says why."""
+
     path: Path | None
-    problem: str | None = None  # why there is no WAL to read (then path is None)
+    problem: str | None = None  # why there is no WAL to read (then path and postgres_url are None)
     note: str | None = None  # something worth saying even though a WAL was found
+    postgres_url: str | None = field(default=None, repr=False)
+    chain_id: str | None = None  # the engine's chain in that database (None: the database's only chain)
+
+    @property
+    def found(self) -> bool:
+        return self.path is not None or self.postgres_url is not None
 
 
 def installed_runtime(stack: Path, paths: StackPaths) -> dict[str, Any] | None:
@@ -73,11 +129,14 @@ def locate_wal(
     paths: StackPaths | None,
     explicit: Path | None = None,
     runtime: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> WalLocation:
-    """The SQLite WAL `faramesh serve` writes for `stack`, or why there is none.
+    """The WAL `faramesh serve` writes for `stack` (SQLite file or PostgreSQL database), or why there
+    is none.
 
     `runtime` overrides the installed policy's runtime block (plan passes the new policy's when
-    nothing is installed). A `faramesh dev` engine keeps its WAL in memory: that is said plainly."""
+    nothing is installed). `environ` resolves `postgres_url = env("…")` (default: this process's
+    environment). A `faramesh dev` engine keeps its WAL in memory: that is said plainly."""
     if explicit is not None:
         if not explicit.is_file():
             return WalLocation(None, f"no WAL file at {explicit}")
@@ -99,7 +158,7 @@ def locate_wal(
             "audit (use the default sqlite backend)",
         )
     if backend == "postgres":
-        return WalLocation(None, f'{stack}: backend = "postgres" is not available in this build')
+        return _locate_postgres(stack, paths, runtime, os.environ if environ is None else environ, dev_note)
     wal_dir = runtime.get("wal_dir")
     path = paths.wal_path(str(wal_dir) if wal_dir else None)
     if path.is_file():
@@ -117,12 +176,74 @@ def locate_wal(
     )
 
 
-def open_reader(path: Path) -> SqliteReader:
+def _locate_postgres(
+    stack: Path, paths: StackPaths, runtime: Mapping[str, Any], environ: Mapping[str, str], note: str | None
+) -> WalLocation:
+    from faramesh.engine.alerts import MissingEnvironment, resolve_env_refs
+
+    reference = runtime.get("postgres_url")
+    if reference is None:
+        return WalLocation(None, f'{stack}: runtime backend = "postgres" names no postgres_url')
     try:
-        return SqliteReader(path)
+        url = resolve_env_refs(reference, environ, "runtime.postgres_url")
+    except MissingEnvironment:
+        name = reference.get("$env") if isinstance(reference, Mapping) else None
+        return WalLocation(
+            None,
+            f'{stack}: the WAL is in PostgreSQL (runtime.postgres_url = env("{name}")), but {name} is not set '
+            "here: export it with the value the engine has to audit this stack",
+        )
+    if not isinstance(url, str) or not url.strip():
+        return WalLocation(None, f"{stack}: runtime.postgres_url is empty")
+    chain_id, problem = read_chain_id(paths.state_dir / "chain_id")
+    if problem is not None:
+        note = "; ".join(n for n in (note, f"{problem}: reading the database's only chain") if n)
+    return WalLocation(None, note=note, postgres_url=url, chain_id=chain_id)
+
+
+def read_chain_id(path: Path) -> tuple[str | None, str | None]:
+    """(the engine's PostgreSQL chain id, problem) from `<state dir>/chain_id`, never creating it:
+    (None, None) when there is none (the engine never ran here, or the audit runs on another host)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"cannot read the engine's chain id {path} ({exc.strerror})"
+    try:
+        raw = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    chain_id = raw.decode("utf-8", "replace").strip()
+    return (chain_id, None) if chain_id else (None, f"{path} is empty")
+
+
+def open_reader(where: Path | WalLocation, chain_id: str | None = None) -> WalReader:
+    """A reader of a SQLite WAL file, or of the PostgreSQL WAL a location names. `chain_id` picks the
+    chain to read in a PostgreSQL database (default: the location's own, else the only one)."""
+    location = WalLocation(where) if isinstance(where, Path) else where
+    if location.postgres_url is not None:
+        return _open_postgres(location.postgres_url, chain_id or location.chain_id)
+    if location.path is None:
+        raise AuditError(location.problem or "no WAL to read")
+    try:
+        return SqliteReader(location.path)
     except NotAWal as exc:
         raise AuditError(str(exc)) from None
     except Exception as exc:  # SchemaTooNew and friends carry a message for the operator
+        raise AuditError(str(exc)) from None
+
+
+def _open_postgres(url: str, chain_id: str | None) -> WalReader:
+    try:
+        from faramesh.engine.wal.pg_store import PgReader
+    except ImportError as exc:
+        raise AuditError(
+            f'this WAL is in PostgreSQL, which needs psycopg ({exc.name or exc}): pip install "faramesh[providers]"'
+        ) from None
+    try:
+        return PgReader(url, chain_id)
+    except StoreError as exc:  # its messages name host, database and chain, never the password
         raise AuditError(str(exc)) from None
 
 
@@ -255,7 +376,7 @@ class WalVerification:
 
 
 def verify_wal(
-    reader: SqliteReader,
+    reader: WalReader,
     pins: PinnedKeys,
     *,
     from_seq: int | None = None,
@@ -295,13 +416,14 @@ def verify_wal(
     if walk.error is not None:  # the walk stopped there: what verify_chain said after it is a consequence
         after = report.last_seq if report.last_seq is not None else start - 1
         report.offender_seq, report.offender_id, report.offender_kind = after + 1, None, "record"
-        report.problem = f"the WAL file cannot be read after seq {after}: {walk.error}"
+        report.problem = f"the WAL cannot be read after seq {after}: {walk.error}"
     ranged = (start, min(to_seq, last) if to_seq else last) if (from_seq or to_seq) else None
     return WalVerification(report, reader.chain_id, str(reader.path), count, ranged, bool(pins.keys), anchor)
 
 
 class _Readable:
-    """Records from SQLite until SQLite itself fails (a damaged page): the error is kept, the walk ends."""
+    """Records until the store itself fails (a damaged SQLite page, a lost PostgreSQL connection): the
+    error is kept, the walk ends."""
 
     def __init__(self, records: Iterator[StoredRecord]) -> None:
         self.records = records
@@ -310,7 +432,7 @@ class _Readable:
     def __iter__(self) -> Iterator[StoredRecord]:
         try:
             yield from self.records
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, StoreError) as exc:
             self.error = str(exc)
 
     def rows(self) -> Iterator[RecordRow]:
@@ -318,7 +440,7 @@ class _Readable:
         rows = getattr(self.records, "rows", None)
         try:
             yield from (rows() if callable(rows) else map(_AS_ROW, self.records))
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, StoreError) as exc:
             self.error = str(exc)
 
 
@@ -337,7 +459,7 @@ def record_dict(rec: StoredRecord) -> dict[str, Any]:
     return data
 
 
-def request_args(reader: SqliteReader, seq: int) -> dict[str, Any] | None:
+def request_args(reader: WalReader, seq: int) -> dict[str, Any] | None:
     raw = reader.request_args(seq)
     if raw is None:
         return None
@@ -348,7 +470,7 @@ def request_args(reader: SqliteReader, seq: int) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def chain_position(reader: SqliteReader, rec: StoredRecord, pins: PinnedKeys) -> dict[str, Any]:
+def chain_position(reader: WalReader, rec: StoredRecord, pins: PinnedKeys) -> dict[str, Any]:
     """Where a record sits and what vouches for it: its own hash over its stored bytes, and — when a
     checkpoint at or after it exists within SEGMENT_PROOF_LIMIT records — the walk from it to that
     checkpoint and the checkpoint's signature (pinned keys when there are any). Records before it are
@@ -446,7 +568,7 @@ def _bundle_keys(checkpoints: list[Checkpoint], pins: PinnedKeys) -> list[dict[s
 
 
 def export(
-    reader: SqliteReader, as_: str, out: IO[bytes], *, include_public_keys: bool, pins: PinnedKeys, now: float
+    reader: WalReader, as_: str, out: IO[bytes], *, include_public_keys: bool, pins: PinnedKeys, now: float
 ) -> ExportSummary:
     """Write the whole chain as a jsonl or json bundle, or csv (a flat table: not verifiable)."""
     from faramesh.engine.wal.log import rfc3339
@@ -733,9 +855,14 @@ class BackupResult:
     verification: WalVerification
 
 
-def backup(reader: SqliteReader, dest: Path, pins: PinnedKeys) -> BackupResult:
+def backup(reader: WalReader, dest: Path, pins: PinnedKeys) -> BackupResult:
     """SQLite's online backup of the reader's snapshot to `dest` (never overwritten; 0600; a single
     self-contained file in rollback-journal mode), then a full verification of the copy."""
+    if not isinstance(reader, SqliteReader):
+        raise AuditError(
+            f"{reader.path} is a PostgreSQL WAL: back it up with the database's own tools (pg_dump of the "
+            "`faramesh` schema, or your PostgreSQL backups); `audit export` writes a verifiable bundle of it"
+        )
     if dest.exists() or dest.is_symlink():
         raise AuditError(f"{dest} already exists; backup never overwrites")
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
