@@ -130,17 +130,13 @@ class Agent:
     violations: int | None = None  # its launch's token in the ViolationMonitor
 
 
-def _ns_pid(pid: int | str) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/pid")
-    except OSError:
-        return None
-
-
 def uid_squatters(uid: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """Live processes outside any sandbox (in our PID namespace) with `uid` among their real, effective,
-    saved or filesystem uids. Inside = another PID namespace (compare /proc/<pid>/ns/pid)."""
-    mine = _ns_pid("self")
+    saved or filesystem uids.
+
+    Inside = a deeper PID namespace, read from `NSpid:` in /proc/<pid>/status (world-readable: one pid
+    for a process of our namespace, more for one in a namespace below it). Reading /proc/<pid>/ns/pid
+    instead needs ptrace access, and a process we could not inspect must never count as sandboxed."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in exclude:
@@ -154,7 +150,7 @@ def uid_squatters(uid: int, exclude: set[int] | frozenset[int] = frozenset()) ->
             continue
         if str(uid) not in fields.get("Uid", "").split():
             continue
-        if _ns_pid(entry) == mine:
+        if len(fields.get("NSpid", entry).split()) <= 1:
             found.append(int(entry))
     return sorted(found)
 
@@ -452,6 +448,8 @@ class Supervisor:
         """Without systemd the supervisor keeps the engine running (restarted with the same backoff)."""
         if self.engine_fatal or now < self.engine_next_check or self.stopping:
             return
+        if os.environ.get("FARAMESH_ENGINE_UNIT"):  # under systemd the engine is its own unit's to restart
+            return
         self.engine_next_check = now + ENGINE_CHECK_INTERVAL
         if lock_holder(self.files.paths.lock_file) is not None:
             return
@@ -527,7 +525,8 @@ def _start_detached(
         ids = {"user": user.uid, "group": user.gid, "extra_groups": [user.operators_gid]}
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "faramesh.launchers.main", command, "--dir", str(stack)],
+            # -I: root starts these; PYTHONPATH, the user's site-packages and the cwd must not add code.
+            [sys.executable, "-I", "-m", "faramesh.launchers.main", command, "--dir", str(stack)],
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=fd,
