@@ -6,10 +6,10 @@ PY := /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 # Debian packages the suite needs; installed only when dpkg-query says one is missing.
-DEB_PACKAGES := python3 python3-venv python3-dev gcc libseccomp2 e2fsprogs postgresql curl iproute2
+DEB_PACKAGES := python3 python3-venv python3-dev gcc libseccomp2 e2fsprogs postgresql curl iproute2 systemd util-linux nodejs
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-deps lint typecheck pytest deps clean soak
+.PHONY: test demo bench bench-deps lint typecheck pytest deps clean soak deb
 
 deps: $(STAMP)
 
@@ -33,10 +33,11 @@ $(STAMP): pyproject.toml
 	@for p in engine sandbox supervisor launchers; do ln -sfn ../../$$p .typecheck/faramesh/$$p; done
 
 lint: deps
-	$(VENV)/bin/ruff check engine sandbox supervisor launchers faramesh_pkg tests bench
+	$(VENV)/bin/ruff check engine sandbox supervisor launchers faramesh_pkg tests bench packaging/build_deb.py
 
 typecheck: deps .typecheck/faramesh/__init__.py
 	MYPYPATH=.typecheck $(VENV)/bin/mypy --explicit-package-bases -p faramesh
+	$(VENV)/bin/mypy --strict packaging/build_deb.py
 
 pytest: deps
 	@$(VPY) -m pytest -q -p no:cacheprovider; rc=$$?; \
@@ -65,6 +66,10 @@ bench: deps bench-deps
 # The crash test at length: 500 SIGKILL rounds under load (25 run in `make test`).
 soak: deps
 	FARAMESH_CRASH_ROUNDS=$${FARAMESH_CRASH_ROUNDS:-500} $(VPY) -m pytest -q -s -p no:cacheprovider tests/test_crash.py
+
+# The .deb (packaging/README.md): a self-contained virtualenv under /opt/faramesh, /usr/bin/faramesh, the units.
+deb:
+	packaging/build-deb
 
 clean:
 	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache

@@ -89,9 +89,23 @@ def shim_text(files: SupervisorFiles, pkg_root: Path, default_agent: str) -> str
         f"agent={shlex.quote(default_agent)}\n"
         'if [ "$1" = "--agent" ]; then agent="$2"; shift 2; fi\n'
         'case "$agent" in ""|.*|*[!A-Za-z0-9._-]*) echo "agent: bad agent id" >&2; exit 64;; esac\n'
-        f"exec {SYSTEM_PYTHON} -I -S -c {shlex.quote(BOOT)} {shlex.quote(str(pkg_root))} "
-        f'--spec {spec_dir}/"$agent".json "$@"\n'
+        + (
+            # Installed from the .deb: the stable /usr/bin/faramesh, never a path inside the virtualenv,
+            # so an upgrade (even to another Python) cannot break a launcher that is immutable.
+            f'exec {PACKAGED_CLI} __agent-exec --spec {spec_dir}/"$agent".json "$@"\n'
+            if _packaged()
+            else f"exec {SYSTEM_PYTHON} -I -S -c {shlex.quote(BOOT)} {shlex.quote(str(pkg_root))} "
+            f'--spec {spec_dir}/"$agent".json "$@"\n'
+        )
     )
+
+
+PACKAGED_PREFIX = "/opt/faramesh"
+PACKAGED_CLI = "/usr/bin/faramesh"
+
+
+def _packaged() -> bool:
+    return sys.prefix == PACKAGED_PREFIX and os.access(PACKAGED_CLI, os.X_OK)
 
 
 def agent_env_text(paths: StackPaths, plans: list[AgentPlan]) -> str:
@@ -247,10 +261,12 @@ def apply(
     from faramesh.engine.policy.errors import FarameshError
     from faramesh.engine.policy.stack import compile_stack
     from faramesh.sandbox.errors import SandboxError
+    from faramesh.supervisor import systemd_units
     from faramesh.supervisor.service_user import (
         ServiceUserError,
         ensure_service_user,
         env_file_values,
+        prepare_engine_dirs,
         read_env_file,
         render_env_file,
         secret_references,
@@ -307,6 +323,7 @@ def apply(
     except ValueError as exc:
         _err(f"{exc}; nothing changed")
         return EXIT_FAILED
+    units = None if foreground else systemd_units.for_stack(stack)
 
     # 1. Artifacts (only what changed is rewritten, so a converged apply touches nothing).
     pkg_root = ensure_pkg_root(files)
@@ -372,10 +389,23 @@ def apply(
         if lock_holder(paths.lock_file) is not None:
             _err("an engine holds this stack but is not READY; see `faramesh status` and `faramesh logs --engine`")
             return EXIT_RUNTIME
-        proc = start_engine(stack, files, plans, policy.runtime.get("wal_dir"))
         timeout = float(policy.runtime.get("cold_start_deny_window", 30)) + 5.0
         deadline = time.monotonic() + timeout
-        while (daemon := _engine_ready(paths)) is None:
+        if units is not None:  # systemd runs the stack: engine and supervisor are the target's units
+            prepare_engine_dirs(paths, service, {p.agent_id: p.uid for p in plans}, policy.runtime.get("wal_dir"))
+            write_private(units.env_file(), env_text, 0o600)
+            problem = units.start()
+            if problem is not None:
+                _err(f"systemctl start {units.target} failed: {problem}")
+                return EXIT_RUNTIME
+            while (daemon := _engine_ready(paths)) is None:
+                if time.monotonic() > deadline:
+                    _err(f"the engine is not READY within {timeout:.0f}s; see `journalctl -u {units.engine}`")
+                    return EXIT_RUNTIME
+                time.sleep(0.1)
+            _say(f"engine READY (pid {daemon.get('pid')}, policy {version[:16]}) under {units.target}")
+        proc = start_engine(stack, files, plans, policy.runtime.get("wal_dir")) if daemon is None else None
+        while proc is not None and (daemon := _engine_ready(paths)) is None:
             if proc.poll() is not None or time.monotonic() > deadline:
                 why = (
                     f"exited with status {proc.returncode}"
@@ -388,7 +418,8 @@ def apply(
                         proc.terminate()
                 return EXIT_RUNTIME
             time.sleep(0.1)
-        _say(f"engine READY (pid {daemon.get('pid')}, policy {version[:16]})")
+        if proc is not None and daemon is not None:
+            _say(f"engine READY (pid {daemon.get('pid')}, policy {version[:16]})")
         acted = True
     _record_locked(paths, newly_locked)
 
@@ -401,7 +432,11 @@ def apply(
             from faramesh.supervisor.supervisor import run as supervise
 
             return supervise(stack)
-        start_supervisor(stack, files)
+        if units is None:
+            start_supervisor(stack, files)
+        elif not units.active() and (problem := units.start()) is not None:
+            _err(f"systemctl start {units.target} failed: {problem}")
+            return EXIT_RUNTIME
         acted = True
         if launched and not _await_agents(paths, files, launched):
             return EXIT_RUNTIME
@@ -503,10 +538,19 @@ def stop(stack: Path) -> int:
     if os.geteuid() != 0:
         _err("--stop needs root")
         return EXIT_RUNTIME
+    from faramesh.supervisor import systemd_units
+
     stack = Path(os.path.realpath(stack))
     paths = stack_paths(stack)
     files = SupervisorFiles(paths)
     stopped = []
+    units = systemd_units.for_stack(stack)
+    if units is not None and units.active():  # the units' own stop: agents first (KillMode), then the engine
+        problem = units.stop()
+        if problem is not None:
+            _err(f"systemctl stop {units.target} failed: {problem}; stopping what is left directly")
+        else:
+            stopped.append(units.target)
     sup = lock_holder(files.lock_file)
     if sup is not None:
         state = read_state(files) or {}
