@@ -5,12 +5,15 @@ machine: an HTTP server the test runs on the host's loopback, and names refused 
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -63,6 +66,30 @@ try:
     l = socket.socket(); l.bind(("127.0.0.1", int(os.environ["FARAMESH_PROXY_PORT"]))); out["rebind"] = "BOUND"
 except OSError as e:
     out["rebind"] = e.errno
+import http.client, ssl
+TLS = %(tls_port)d
+ctx = ssl.create_default_context(cafile=%(cafile)r)
+try:
+    with urllib.request.urlopen(f"https://127.0.0.1:{TLS}/tls", timeout=10, context=ctx) as r:
+        out["https"] = [r.status, r.read().decode()]
+except OSError as e:
+    out["https"] = ["error", repr(e)]
+conn = http.client.HTTPConnection("127.0.0.1", 3128, timeout=10)
+conn.set_tunnel("127.0.0.1", 22)
+try:
+    conn.connect()
+    out["connect_22"] = "TUNNEL"
+except OSError as e:
+    out["connect_22"] = str(e)
+try:
+    socket.getaddrinfo("example.com", 443)
+    out["dns"] = "RESOLVED"
+except socket.gaierror as e:
+    out["dns"] = "gaierror"
+if os.path.exists("/usr/bin/curl"):
+    p = subprocess.run(["/usr/bin/curl", "-s", "--cacert", %(cafile)r, f"https://127.0.0.1:{TLS}/curl-tls"],
+                       capture_output=True, text=True, timeout=20)
+    out["curl_tls"] = p.stdout
 if os.path.exists("/usr/bin/curl"):
     p = subprocess.run(["/usr/bin/curl", "-s", "-o", "-", "-w", " %%{http_code}", f"http://127.0.0.1:{PORT}/curl"],
                        capture_output=True, text=True, timeout=20)
@@ -86,7 +113,7 @@ agent "bot" {
   rules {
     permit search
   }
-  egress { allow = ["127.0.0.1:%(port)d"] }
+  egress { allow = ["127.0.0.1:%(port)d", "127.0.0.1:%(tls_port)d"] }
 }
 """
 
@@ -117,16 +144,51 @@ def _host_ip() -> str:
     return "127.0.0.2"  # none: a loopback address outside the sandbox is as unreachable from inside
 
 
+def _tls_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
+    """A self-signed certificate for 127.0.0.1 (the agent trusts it through `cafile`)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    os.chmod(cert_path, 0o644)
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
 @pytest.fixture(scope="module")
 def egress() -> Iterator[tuple[Applied, dict[str, Any], int]]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
     port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     a = new_applied("faramesh-egress-")
-    (a.stack / "agent.py").write_text(AGENT_PY % {"port": port, "host_ip": _host_ip()})
+    cafile = a.stack / "ca.pem"
+    tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    tls.socket = _tls_context(cafile, a.base / "key.pem").wrap_socket(tls.socket, server_side=True)
+    tls_port = tls.server_address[1]
+    threading.Thread(target=tls.serve_forever, daemon=True).start()
+    values = {"port": port, "tls_port": tls_port, "host_ip": _host_ip(), "cafile": str(cafile)}
+    (a.stack / "agent.py").write_text(AGENT_PY % values)
     os.chmod(a.stack / "agent.py", 0o644)
-    (a.stack / "governance.fms").write_text(POLICY % {"agent": a.stack / "agent.py", "port": port})
+    (a.stack / "governance.fms").write_text(POLICY % {"agent": a.stack / "agent.py", **values})
     try:
         proc = a.faramesh("apply")
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -137,6 +199,7 @@ def egress() -> Iterator[tuple[Applied, dict[str, Any], int]]:
     finally:
         _teardown(a)
         server.shutdown()
+        tls.shutdown()
 
 
 def _egress_records(a: Applied) -> list[dict[str, Any]]:
@@ -235,3 +298,14 @@ def test_status_shows_the_proxy(egress: tuple[Applied, dict[str, Any], int]) -> 
     assert "proxy running" in line and "listener(s)" in line and "refused" in line, proc.stdout
     refused = int(line.split(" refused")[0].rsplit(" ", 1)[1])
     assert refused >= 3, line  # denied.example.test, the disallowed port, other.example.test
+
+
+def test_tls_through_connect_and_nothing_else(egress: tuple[Applied, dict[str, Any], int]) -> None:
+    """HTTPS goes through a CONNECT tunnel end to end (the proxy never sees inside); CONNECT to a port the
+    entry does not name is refused; no resolver is reachable from inside."""
+    _, out, _ = egress
+    assert out["https"] == [200, "hello-from-upstream /tls"], out
+    if shutil.which("curl"):
+        assert out["curl_tls"] == "hello-from-upstream /curl-tls", out
+    assert "403" in out["connect_22"], out
+    assert out["dns"] == "gaierror", out
