@@ -49,7 +49,7 @@ demo: deps
 	$(VPY) examples/support-bot/demo.py
 
 # The launch benchmark's peers (bench/launch_bench.py), installed only when dpkg-query says one is missing.
-BENCH_DEB_PACKAGES := bubblewrap firejail
+BENCH_DEB_PACKAGES := bubblewrap firejail tinyproxy
 
 bench-deps:
 	@missing=""; for p in $(BENCH_DEB_PACKAGES); do \

@@ -1,16 +1,27 @@
-"""Decision-latency benchmark: Faramesh's `evaluate` beside Cedar (cedarpy), measured in one run,
-then the engine end to end (bench/engine_bench.py: fdatasync, echo floor, `faramesh serve` with the
-SQLite WAL at both sync levels, `audit verify` speed).
+"""`make bench`: five sections, in this order, each comparing against a baseline measured in the same run.
 
-    .venv/bin/python bench/run.py              # full run (`make bench`), about two minutes
-    .venv/bin/python bench/run.py --quick      # a smoke run: short windows, 100k-record verify
-    .venv/bin/python bench/run.py --profile    # also cProfile Faramesh (seed, 1,000 rules)
-    .venv/bin/python bench/run.py --no-engine  # the decision-latency table only
-    .venv/bin/python bench/run.py --engine-only
-    .venv/bin/python bench/run.py --launch-only  # sandbox launch latency only (bench/launch_bench.py)
-    .venv/bin/python bench/run.py --no-launch    # skip the sandbox launch section
+1. Decision latency: Faramesh's `evaluate` beside Cedar (cedarpy); what is timed is described below.
+2. The engine end to end (bench/engine_bench.py): fdatasync, echo floor, `faramesh serve` with the
+   SQLite WAL at both sync levels, `audit verify` speed.
+3. Sandbox launch latency (bench/launch_bench.py): `/bin/true` under profile `full` beside bwrap and
+   firejail (needs root).
+4. The egress proxy (bench/proxy_bench.py): engine/proxy.py's child beside a direct loopback connection
+   (and tinyproxy when it is installed): round trip, new connection, streaming MB/s, plain-HTTP GET.
+5. systemd exposure (bench/systemd_security.py): `systemd-analyze security --offline=true` scores of
+   the engine and supervisor units against their goals (deterministic, not a timing).
+The exit status is 1 when any section that ran missed a goal or could not measure.
 
-What is timed, per call, with time.perf_counter_ns:
+    .venv/bin/python bench/run.py                  # everything (`make bench`)
+    .venv/bin/python bench/run.py --quick          # a smoke run of every section: short windows
+    .venv/bin/python bench/run.py --profile        # also cProfile Faramesh (seed, 1,000 rules)
+    .venv/bin/python bench/run.py --engine-only    # one section only; several --*-only flags
+    .venv/bin/python bench/run.py --launch-only    #   run those sections (the decision table
+    .venv/bin/python bench/run.py --proxy-only     #   runs only when no --*-only flag is given)
+    .venv/bin/python bench/run.py --systemd-only
+    .venv/bin/python bench/run.py --no-engine      # skip a section: --no-engine, --no-launch,
+    .venv/bin/python bench/run.py --no-proxy       #   --no-proxy, --no-systemd (combinable)
+
+Decision latency, what is timed per call with time.perf_counter_ns:
 - Faramesh: `evaluate(policy, request)` from the request dict as the wire decoder yields it to a
   Decision; the rate-limit and budget checks run inside it (against the empty state snapshot).
 - Cedar: `cedarpy.is_authorized(request, policy_set, entities)` with the policy set and the (empty)
@@ -367,9 +378,12 @@ def report(
     return "\n".join(out)
 
 
+SECTIONS = ("engine", "launch", "proxy", "systemd")  # after the decision table, in this order
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="few iterations: a smoke run (a few seconds)")
+    ap.add_argument("--quick", action="store_true", help="few iterations: a smoke run of every section")
     ap.add_argument(
         "--profile", action="store_true", help="also cProfile faramesh on the seed and 1,000-rule workloads"
     )
@@ -377,20 +391,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine-only", action="store_true", help="only the end-to-end engine section")
     ap.add_argument("--launch-only", action="store_true", help="only the sandbox launch-latency section")
     ap.add_argument("--no-launch", action="store_true", help="skip the sandbox launch-latency section")
+    ap.add_argument("--proxy-only", action="store_true", help="only the egress proxy section")
+    ap.add_argument("--no-proxy", action="store_true", help="skip the egress proxy section")
+    ap.add_argument("--systemd-only", action="store_true", help="only the systemd exposure section")
+    ap.add_argument("--no-systemd", action="store_true", help="skip the systemd exposure section")
     opts = ap.parse_args(argv)
-    engine_ok = launch_ok = True
-    if opts.launch_only:
-        return launch_section(opts.quick)
-    if opts.engine_only:
-        return engine_section(opts.quick)
-    rc = decision_section(opts)
-    if not opts.no_engine:
-        print()
-        engine_ok = engine_section(opts.quick) == 0
-    if not opts.no_launch:
-        print()
-        launch_ok = launch_section(opts.quick) == 0
-    return rc or (0 if engine_ok and launch_ok else 1)
+    only = [name for name in SECTIONS if getattr(opts, f"{name}_only")]
+    clash = [name for name in only if getattr(opts, f"no_{name}")]
+    if clash:
+        ap.error(f"--{clash[0]}-only and --no-{clash[0]} contradict each other")
+    runners = {"engine": engine_section, "launch": launch_section, "proxy": proxy_section, "systemd": systemd_section}
+    if only:
+        selected = only
+        ok = True
+    else:
+        selected = [name for name in SECTIONS if not getattr(opts, f"no_{name}")]
+        ok = decision_section(opts) == 0
+    for n, name in enumerate(selected):
+        if n or not only:
+            print()
+        ok = runners[name](opts.quick) == 0 and ok
+    return 0 if ok else 1
 
 
 def launch_section(quick: bool) -> int:
@@ -407,6 +428,22 @@ def engine_section(quick: bool) -> int:
     text, ok = run_all(quick)
     print(text, flush=True)
     return 0 if ok else 1
+
+
+def proxy_section(quick: bool) -> int:
+    from proxy_bench import run_all as run_proxy
+
+    text, ok = run_proxy(quick)
+    print(text, flush=True)
+    return 0 if ok else 1
+
+
+def systemd_section(quick: bool) -> int:
+    """Scores are deterministic for a given unit file and systemd: --quick changes nothing here."""
+    del quick
+    from systemd_security import main as systemd_main
+
+    return systemd_main([])
 
 
 def decision_section(opts: argparse.Namespace) -> int:
