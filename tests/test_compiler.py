@@ -708,5 +708,5 @@ def test_a_postgres_wal_without_its_url_is_refused_at_compile_time() -> None:
     with pytest.raises(PolicySchemaError, match="postgres_url") as info:
         compile_src(src)
     assert info.value.pos is not None and ":2:" in str(info.value.pos)
-    ok = compile_src('runtime {\n  backend = "postgres"\n  postgres_url = env("PG")\n}\nagent "a" {\n  default deny\n}\n')
+    ok = compile_src(src.replace('backend = "postgres"\n', 'backend = "postgres"\n  postgres_url = env("PG")\n'))
     assert ok.runtime["postgres_url"] == {"$env": "PG"}
