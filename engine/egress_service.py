@@ -52,7 +52,7 @@ def event_record(event: dict[str, Any]) -> dict[str, Any]:
         "reason": event.get("reason"),
     }
     for key in ("host", "port", "address", "rule", "method", "outcome", "requests", "bytes_up", "bytes_down",
-                "started_ms", "ended_ms", "count", "aggregated"):
+                "started_ms", "ended_ms", "count", "aggregated", "credentials"):
         record[key] = event.get(key)
     return record
 

@@ -815,6 +815,38 @@ class Upstream:
     requests: int = 0
 
 
+# Proxy-tier credentials (issue 6 (b)): a permit names one plain-HTTP request (host, port, method, path,
+# TTL); the agent holds only a placeholder, and the proxy swaps it for the secret in that one request.
+PLACEHOLDER_PREFIX = "FARAMESH-CREDENTIAL-"
+_PLACEHOLDER = re.compile(r"FARAMESH-CREDENTIAL-[A-Za-z0-9_-]{16,64}")
+MAX_GRANTS_PER_AGENT = 1024
+CREDENTIAL_GRANT_INVALID = "CREDENTIAL_GRANT_INVALID"
+
+
+@dataclass(frozen=True)
+class CredentialGrant:
+    """One use of a secret in one request: in the header named `header`, the placeholder is replaced by
+    `value` (the agent writes `Authorization: Bearer FARAMESH-CREDENTIAL-…`). The value never leaves this
+    process except in that request; events name the grant by its placeholder."""
+
+    placeholder: str
+    host: Host
+    port: int
+    method: str
+    path: str  # without the query
+    header: str
+    value: str = field(repr=False)
+    expires: float  # on the proxy's monotonic clock
+
+    def matches(self, host: Host, port: int, method: str, path: str, now: float) -> bool:
+        return (
+            now < self.expires
+            and same_target((self.host, self.port), (host, port))
+            and method == self.method
+            and path.split("?", 1)[0] == self.path
+        )
+
+
 @dataclass(eq=False)
 class AgentState:
     agent_id: str
@@ -829,6 +861,8 @@ class AgentState:
     limited: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    grants: dict[str, CredentialGrant] = field(default_factory=dict)
+    injected: int = 0
 
 
 @dataclass(eq=False)
@@ -841,6 +875,7 @@ class Flow:
     outcome: str = "closed"
     responding: bool = False  # response bytes went to the client: no error response can follow
     linger: bool = False  # an error response was written: drain the client before closing
+    credentials: list[str] = field(default_factory=list)  # placeholders of grants used on this connection
 
 
 class EgressProxy:
@@ -946,12 +981,58 @@ class EgressProxy:
             if flow.upstream is not None:
                 flow.upstream.stream.abort()
 
+    def grant(self, agent_id: str, fields: Mapping[str, Any]) -> None:
+        """Install a proxy-tier credential for one request of `agent_id` (ValueError on a bad grant)."""
+        placeholder = str(fields.get("placeholder", ""))
+        if not _PLACEHOLDER.fullmatch(placeholder):
+            raise ValueError("a grant's placeholder is FARAMESH-CREDENTIAL- and 16-64 URL-safe characters")
+        host, port = parse_host_port(str(fields["host"]), 80)
+        method, path, header = str(fields["method"]).upper(), str(fields["path"]), str(fields["header"])
+        value, ttl = str(fields["value"]), float(fields["ttl"])
+        if not path.startswith("/") or "?" in path or not header or any(c in header for c in ":\r\n "):
+            raise ValueError("a grant names an origin path without query and a header name")
+        if any(c in value for c in "\r\n\0") or not 0 < ttl <= 3600:
+            raise ValueError("a grant's value has no line breaks and its TTL is 1 s to 1 h")
+        agent = self._agent(agent_id)
+        now = self.clock()
+        agent.grants = {k: g for k, g in agent.grants.items() if g.expires > now}
+        if len(agent.grants) >= MAX_GRANTS_PER_AGENT:
+            raise ValueError(f"agent {agent_id} holds {MAX_GRANTS_PER_AGENT} unused grants")
+        agent.grants[placeholder] = CredentialGrant(placeholder, host, port, method, path, header, value, now + ttl)
+
+    def _inject(self, flow: Flow, request: Message, host: Host, port: int, path: str) -> Message | None:
+        """The request with each placeholder swapped for its grant's secret (each grant used once), or None
+        when a placeholder names no live grant for exactly this request: that request is refused, so a
+        placeholder never reaches an upstream and grants cannot be probed or replayed."""
+        method = request.start[0]
+        used: list[str] = []
+        fields = []
+        for name, value in request.fields:
+            found = _PLACEHOLDER.findall(value)
+            for placeholder in found:
+                grant = flow.agent.grants.get(placeholder)
+                if grant is None or name.lower() != grant.header.lower():
+                    return None
+                if not grant.matches(host, port, method, path, self.clock()):
+                    return None
+                value = value.replace(placeholder, grant.value)
+                used.append(placeholder)
+            fields.append((name, value))
+        if any(_PLACEHOLDER.search(part) for part in request.start):
+            return None  # in the target: never substituted, never forwarded
+        for placeholder in used:
+            flow.agent.grants.pop(placeholder, None)
+        flow.agent.injected += len(used)
+        flow.credentials += used
+        return Message(request.start, tuple(fields)) if used else request
+
     def stats(self) -> dict[str, Any]:
         agents = {
             a.agent_id: {
                 "open_connections": len(a.flows), "permits": a.permits, "refusals": a.refusals, "errors": a.errors,
                 "limited": a.limited, "bytes_up": a.bytes_up, "bytes_down": a.bytes_down,
                 "listeners": len(a.listeners), "has_rules": a.policy is not None,
+                "credentials_injected": a.injected, "grants_pending": len(a.grants),
             }
             for a in self.agents.values()
         }  # fmt: skip
@@ -1156,6 +1237,8 @@ class EgressProxy:
             outcome=flow.outcome, requests=up.requests, bytes_up=up.stream.sent, bytes_down=up.stream.received,
             ended_ms=self._now_ms(),
         )  # fmt: skip
+        if flow.credentials:  # which grants were spent (their placeholders), never the secrets
+            event["credentials"], flow.credentials = flow.credentials, []
         flow.outcome = "closed"
         self._emit(event)
 
@@ -1320,6 +1403,12 @@ class EgressProxy:
                 reason = f"the Host header names {authority(*claimed)}, the request target {authority(host, port)}"
                 self._deny(flow, HOST_MISMATCH, reason, host, port, method)
                 return False
+        injected = self._inject(flow, request, host, port, path)
+        if injected is None:
+            reason = "a credential placeholder that names no live grant for this host, method and path"
+            self._deny(flow, CREDENTIAL_GRANT_INVALID, reason, host, port, method)
+            return False
+        request = injected
         up = await self._open(flow, host, port, method)
         if up is None:
             return False
@@ -1490,6 +1579,9 @@ class ControlChannel:
             return None
         if op == "forget":
             self.proxy.forget_agent(str(message["agent_id"]))
+            return None
+        if op == "grant":
+            self.proxy.grant(str(message["agent_id"]), message["grant"])
             return None
         if op == "stats":
             return dict(self.proxy.stats(), events_dropped=self.dropped)

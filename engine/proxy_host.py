@@ -183,6 +183,12 @@ class ProxyHost:
                 del self.listeners[listener_id]
         await self._send_state({"op": "forget", "agent_id": agent_id})
 
+    async def grant(self, agent_id: str, grant: Mapping[str, Any]) -> None:
+        """A proxy-tier credential for one request (placeholder, host, method, path, header, value, ttl).
+        Not kept for a restart: a grant lives seconds, and one lost with a crashed child is a refused
+        request (the placeholder names no grant), never a leak. ProxyError when refused or unavailable."""
+        await self._request({"op": "grant", "agent_id": agent_id, "grant": dict(grant)})
+
     async def stats(self) -> dict[str, Any]:
         """The proxy's counters (open connections and refusals per agent) plus `status()`."""
         if not self.ready:
