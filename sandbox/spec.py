@@ -13,6 +13,7 @@ built lazily, from an equivalent dataclass, the first time something asks for it
 from __future__ import annotations
 
 import os
+import sys
 
 from faramesh.sandbox.errors import SpecError
 
@@ -199,7 +200,7 @@ class SandboxSpec:
             raise SpecError("keep_fds lists extra fds; 0/1/2 are always kept")
         if self.egress_port is not None and not 0 < self.egress_port < 65536:
             raise SpecError(f"egress port {self.egress_port} out of range")
-        if self.profile != "off" and not self.seccomp_bpf:
+        if self.profile != "off" and not self.seccomp_bpf and sys.platform != "darwin":  # macOS: SBPL instead
             raise SpecError(f"profile {self.profile} needs the precompiled seccomp BPF")
         for name in BPF_FIELDS:
             if len(getattr(self, name)) % 8:
