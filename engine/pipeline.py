@@ -5,6 +5,12 @@ and defers of an agent with an `egress` block) → (approvals for defers) → re
 draft. The result is a `Verdict`: the reply to send, the record to append and the
 approval writes to commit with it. Nothing here does I/O; the server appends the record to the WAL
 and sends the reply only once it has committed. Time, randomness and the engine key are passed in.
+
+Step 9, the credential broker, sits between the decision and the DPR append: the server asks
+`credential_for` which secret a permit needs, fetches it from the provider (I/O, in the server), and
+settles the verdict with `grant_credential` (the DPR records the reference, version, delivery tier and
+expiry — never the value) or `deny_credential` (the permit becomes DENY CREDENTIAL_UNAVAILABLE and its
+state changes are undone: a failing provider never leads to a permit).
 """
 
 from __future__ import annotations
@@ -502,7 +508,8 @@ class EngineState:
         """Rebuild rate buckets and budget usage from recorded decisions, approvals from their table."""
         for body in records:
             if body.get("action_type") != "tool_call":
-                if body.get("action_type") == "settlement":
+                # A withdrawn permit (signing_required, no checkpoint in time) gives its estimate back.
+                if body.get("action_type") in ("settlement", "permit_withdrawn"):
                     self._replay_settlement(body)
                 continue
             agent_id, tool, effect = body.get("agent_id"), body.get("tool"), body.get("effect")
@@ -535,6 +542,91 @@ class EngineState:
                 self.budgets[key] = BudgetUsage(
                     start, max(0, usage.spent_cents + delta), usage.reserved_cents, usage.calls
                 )
+
+
+DEFAULT_CREDENTIAL_TTL = 300  # seconds a credential in a permit response is valid for (provider `credential_ttl`)
+
+
+def credential_for(policy: CompiledPolicy, verdict: Verdict) -> str | None:
+    """The secret reference (`vault:stripe#api_key`) a permit must carry, or None. Only a permit the
+    policy granted (directly, or through an operator's approval of a defer) receives one."""
+    decision = verdict.decision
+    if decision is None or decision.effect != PERMIT or verdict.reply.get("effect") != PERMIT:
+        return None
+    if decision.rule_ref is None:
+        return None
+    agent = policy.agents.get(str(verdict.record.get("agent_id")))
+    return agent.credentials.get(decision.rule_ref) if agent is not None else None
+
+
+def credential_ttl(policy: CompiledPolicy, provider: str) -> int:
+    raw = (policy.providers.get(provider) or {}).get("credential_ttl")
+    return int(raw) if isinstance(raw, int | float) and raw > 0 else DEFAULT_CREDENTIAL_TTL
+
+
+def grant_credential(
+    verdict: Verdict,
+    ref: str,
+    provider: str,
+    version: str | None,
+    *,
+    expires_at: str,
+    ttl_seconds: int,
+    stub: bool = False,
+) -> dict[str, Any]:
+    """Record a credential issued for this permit; returns the reply's `credential` object without its
+    value (the server adds the value after the commit, so it exists only in the reply)."""
+    note: dict[str, Any] = {
+        "ref": ref,
+        "provider": provider,
+        "version": version,
+        "delivery": "sdk",
+        # The agent holds the value until it expires and can send it anywhere its egress allows: the
+        # policy cannot take it back. DESIGN.md §2: only the proxy tier withholds the capability.
+        "advisory": True,
+        "ttl_seconds": ttl_seconds,
+        "expires_at": expires_at,
+    }
+    if stub:
+        note["stub"] = True
+    verdict.record["credential_ref"] = note
+    reply = {k: note[k] for k in ("ref", "version", "delivery", "advisory", "ttl_seconds", "expires_at")}
+    if stub:
+        reply["stub"] = True
+    return reply
+
+
+def deny_credential(verdict: Verdict, ref: str, provider: str, failure_code: str, latency_us: int) -> None:
+    """The provider failed or timed out: the permit becomes DENY CREDENTIAL_UNAVAILABLE. Its state changes
+    (rate tokens, budget reservation, the approval it used) are undone, as for a deny. The agent learns
+    the code only; the provider's message goes to the engine log, never into the reply or the DPR."""
+    for undo in reversed(verdict.undo):
+        undo()
+    verdict.undo = []
+    verdict.approval_writes = []
+    record = verdict.record
+    record.update(
+        {
+            "effect": DENY,
+            "code": "CREDENTIAL_UNAVAILABLE",
+            "cost_cents": 0,
+            "approver": None,
+            "latency_us": latency_us,
+            "credential_ref": {"ref": ref, "provider": provider, "delivery": "sdk", "error": failure_code},
+        }
+    )
+    verdict.reply = {
+        "call_id": verdict.reply.get("call_id"),
+        "effect": DENY,
+        "action_id": verdict.reply.get("action_id"),
+        "latency_us": latency_us,
+        "structured_denial": {
+            "code": "CREDENTIAL_UNAVAILABLE",
+            "rule_ref": record.get("rule_ref"),
+            "human_message": "the credential this call needs is unavailable right now, so the call is denied",
+            "resolution": {"type": "retry_after"},
+        },
+    }
 
 
 def _structured_denial(decision: Decision, approval_id: str | None, operator_reason: str | None) -> dict[str, Any]:

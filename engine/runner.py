@@ -1,9 +1,11 @@
 """Assemble and run an engine for `faramesh dev` and `faramesh serve`.
 
 dev: compile the stack, in-memory WAL, ephemeral signing key, one socket serving agent and operator
-roles, pretty DPRs on stderr. serve: the installed compiled policy (never governance.fms), the SQLite
-WAL (or PostgreSQL: `runtime { backend = "postgres" }`), the persisted keys, `operator.sock` plus one
-socket directory per declared agent; one engine per stack, held by flock.
+roles, pretty DPRs on stderr, stub credentials. serve: the installed compiled policy (never
+governance.fms), the SQLite WAL (or PostgreSQL: `runtime { backend = "postgres" }`), the persisted keys,
+`operator.sock` plus one socket directory per declared agent, the declared secret and `kms` providers as
+supervised children (their `$env` references resolved from this environment); one engine per stack,
+held by flock.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from faramesh.engine.alerts import AlertConfig, AlertDispatcher, MissingEnvironm
 from faramesh.engine.paths import StackPaths, stack_paths
 from faramesh.engine.pipeline import EngineState
 from faramesh.engine.policy.model import CompiledPolicy, policy_from_json
-from faramesh.engine.server import EngineServer, ServerConfig, SocketSpec, ensure_private_dir
+from faramesh.engine.policy.schema import SECRET_PROVIDER_TYPES
+from faramesh.engine.providers.host import ProviderHost
+from faramesh.engine.server import EngineServer, ServerConfig, SigningSetup, SocketSpec, ensure_private_dir
 from faramesh.engine.wal.log import Wal, new_ulid
-from faramesh.engine.wal.signer import ephemeral_signer, load_or_create_signer
+from faramesh.engine.wal.signer import PINS_FILE, ephemeral_signer, load_or_create_signer
 from faramesh.engine.wal.store import DEFAULT_REPLAY_RETENTION, MemoryStore, SqliteStore, StoreError
 
 if TYPE_CHECKING:  # never at run time: psycopg is loaded only when the policy selects PostgreSQL
@@ -159,6 +163,28 @@ def _postgres_store(
     return store, wal_info
 
 
+LOCAL_KMS_KEY = "kms-local.key"  # `kms` backend "local" without `key_file`: the child's key, in the state dir
+
+
+def engine_providers(policy: CompiledPolicy, paths: StackPaths) -> dict[str, dict[str, Any]]:
+    """The provider blocks the engine runs as children: secret providers and the `kms` signer (sinks and
+    identities are run elsewhere). A type this build cannot run is included all the same: the host
+    reports it DOWN ("not available in this build") instead of it vanishing from `status`."""
+    from faramesh.engine.policy.model import thaw
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, block in policy.providers.items():
+        config = thaw(block)
+        kind = config.get("type")
+        if kind not in SECRET_PROVIDER_TYPES and kind != "kms":
+            continue
+        if kind == "kms" and config.get("backend") == "local" and not config.get("key_file"):
+            # A local signing key that died with its child would pin a new key at every restart.
+            config["key_file"] = str(paths.state_dir / LOCAL_KMS_KEY)
+        out[name] = config
+    return out
+
+
 def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = None) -> EngineServer:
     import time
 
@@ -181,9 +207,18 @@ def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = 
     store.retention_seconds = _retention(policy)
     alerts = _alerts(policy, dev=False)
     signer = load_or_create_signer(paths.signing_key)
+    blocks = engine_providers(policy, paths)
+    host = ProviderHost(blocks, os.environ, log=_log) if blocks else None
+    kms = next((name for name, block in blocks.items() if block.get("type") == "kms"), None)
+    signing = SigningSetup(
+        local=signer,
+        provider=kms,
+        provider_config=blocks[kms] if kms is not None else None,
+        pins_file=paths.state_dir / PINS_FILE,
+    )
     wal = Wal(
         store,
-        signer,
+        signer if kms is None else None,  # a KMS signer is pinned during start-up (server._settle_signer)
         clock=time.time,
         signing_required=bool(runtime.get("signing_required", False)),
         # Inline only where a commit is a few microseconds (memory, SQLite without fdatasync). A PostgreSQL
@@ -207,7 +242,9 @@ def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = 
     def loader(version: str) -> CompiledPolicy:
         return load_installed_policy(source, version)
 
-    return EngineServer(policy, wal, state, config, policy_loader=loader, alerts=alerts)
+    return EngineServer(
+        policy, wal, state, config, policy_loader=loader, alerts=alerts, providers=host, signing=signing
+    )
 
 
 def announce(server: EngineServer, out: IO[str] = sys.stderr) -> None:
@@ -220,6 +257,14 @@ def announce(server: EngineServer, out: IO[str] = sys.stderr) -> None:
         lines.append(f"  socket   {spec.path}  — {who}")
     wal = cfg.wal_description
     lines.append(f"  wal      {wal.get('backend')} {wal.get('path') or '(in memory: lost on exit)'}")
+    if server.providers is not None:
+        names = ", ".join(f"{s.name} ({s.type})" for s in server.providers.status())
+        lines.append(f"  provider {names}: each a supervised child process")
+    elif cfg.dev and server.policy.providers:
+        lines.append(f"  provider {', '.join(sorted(server.policy.providers))}: stubbed (dev: STUB-<id> secrets)")
+    if server.signing is not None:
+        signer = f'the kms provider "{server.signing.provider}"' if server.signing.provider else "the local key"
+        lines.append(f"  signing  checkpoints signed by {signer}")
     if cfg.dev:
         lines.append("  keys     ephemeral signing key for this session; DPRs are tagged dev and printed here")
         lines.append(f"  agents   export FARAMESH_SOCKET={cfg.sockets[0].path}")

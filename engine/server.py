@@ -4,6 +4,17 @@ Lifecycle STARTING → INITIALIZING → READY → DRAINING → HALT. Sockets are
 client gets DAEMON_NOT_READY (never a permit) until the WAL is open, verified and replayed.
 Authorization is by which socket a peer reached (DESIGN.md §2): an agent socket fixes the agent id
 and accepts only agent verbs; the operator socket accepts every verb; in dev one socket serves both.
+
+Providers (`serve`): the declared provider blocks run as supervised children (engine/providers/host.py),
+started during INITIALIZING. A permit whose rule names a credential gets it from its provider after the
+decision and before the DPR append (a failure or timeout denies with CREDENTIAL_UNAVAILABLE); the value
+goes into the reply only, after the commit. `dev` hands out `STUB-<id>` values instead.
+
+Checkpoint signing (`serve` with a SigningSetup): the engine's local key, or the one `kms` provider; the
+key in force is pinned in the WAL meta (`signing_key`), KMS keys also in `<state>/checkpoint-keys.json`.
+A change of key appends a `provider_change` DPR and the old key signs the checkpoint at that record (the
+hand-over); a KMS that is down at start with a known pin keeps its pin (checkpoints queue), one never
+pinned is pinned in the background once it answers.
 """
 
 from __future__ import annotations
@@ -28,8 +39,17 @@ from faramesh import sdnotify
 from faramesh.engine.alerts import AlertConfig, AlertDispatcher
 from faramesh.engine.egress import EgressConfigError, validate_policy
 from faramesh.engine.egress_service import EgressService, egress_blocks
-from faramesh.engine.pipeline import EngineState, Peer
-from faramesh.engine.policy.model import CompiledPolicy
+from faramesh.engine.pipeline import (
+    EngineState,
+    Peer,
+    Verdict,
+    credential_for,
+    credential_ttl,
+    deny_credential,
+    grant_credential,
+)
+from faramesh.engine.policy.evaluate import PERMIT
+from faramesh.engine.policy.model import CompiledPolicy, thaw
 from faramesh.engine.protocol import (
     AGENT_VERBS,
     MAX_FRAME,
@@ -39,9 +59,28 @@ from faramesh.engine.protocol import (
     encode_error,
     encode_result,
 )
-from faramesh.engine.wal.log import Wal, decode_body, new_ulid, rfc3339
-from faramesh.engine.wal.signer import checkpoint_message, verify_signature
-from faramesh.engine.wal.store import Checkpoint, StoreError
+from faramesh.engine.providers.host import CheckpointSigner, ProviderHost
+from faramesh.engine.providers.protocol import (
+    FailureCode,
+    Health,
+    ProviderFailure,
+    SecretResult,
+    SecretValue,
+    parse_secret_ref,
+)
+from faramesh.engine.wal.log import Head, Wal, decode_body, new_ulid, rfc3339
+from faramesh.engine.wal.signer import (
+    CheckpointKey,
+    LocalSigner,
+    SignerPin,
+    SigningFailed,
+    add_pin,
+    checkpoint_message,
+    key_fingerprint,
+    read_pins,
+    verify_checkpoint_signature,
+)
+from faramesh.engine.wal.store import Batch, Checkpoint, StoreError
 from faramesh.engine.wal.verify import verify_chain
 
 IDLE_PARTIAL_LINE_S = 10.0
@@ -52,6 +91,20 @@ MAX_SOCKET_BUFFERED = MAX_TOTAL_BUFFERED // 4  # per socket, i.e. per agent: one
 YIELD_EVERY = 32  # lines served from one read before other connections get a turn
 LISTEN_BACKLOG = 4096  # asyncio's default (100) makes connects fail with EAGAIN under 1,000 concurrent clients
 STARTING, INITIALIZING, READY, DRAINING, HALT = "STARTING", "INITIALIZING", "READY", "DRAINING", "HALT"
+DEFAULT_SIGNING_TIMEOUT = 5.0  # runtime.signing_timeout: how long a permit waits for its checkpoint
+PIN_RETRY_S = 2.0  # a KMS never pinned (down at start) is asked for its key again this often
+META_SIGNING_KEY = "signing_key"  # WAL meta: the pin of the key that signs this chain's checkpoints
+
+
+@dataclass(frozen=True)
+class SigningSetup:
+    """How `serve` signs checkpoints. `provider`: the stack's `kms` provider (None: the local key)."""
+
+    local: LocalSigner  # the engine's own key (state dir): the signer without a kms, the old key of a switch
+    provider: str | None = None
+    provider_config: Mapping[str, Any] | None = None  # compiled: secrets are `$env` references
+    pins_file: Path | None = None
+    timeout: float = 10.0  # for pinning the KMS key at start (the provider child may still be starting)
 
 
 @dataclass(frozen=True)
@@ -94,11 +147,22 @@ class EngineServer:
         policy_loader: Callable[[str], CompiledPolicy] | None = None,
         alerts: AlertDispatcher | None = None,
         environ: Mapping[str, str] | None = None,
+        providers: ProviderHost | None = None,
+        signing: SigningSetup | None = None,
     ) -> None:
         """`alerts`: the dispatcher (default: one configured from the policy and `environ`, which is the
         engine's own environment unless given; a secret it references but that is unset raises
-        MissingEnvironment, a ValueError, so the engine does not start)."""
+        MissingEnvironment, a ValueError, so the engine does not start). `providers`: the host of the
+        declared provider children (started during INITIALIZING, closed at HALT). `signing`: how
+        checkpoints are signed and pinned (None: whatever key `wal` was built with, unpinned)."""
         self.environ = environ if environ is not None else os.environ
+        self.providers = providers
+        self.signing = signing
+        self.signing_timeout = float(policy.runtime.get("signing_timeout", DEFAULT_SIGNING_TIMEOUT))
+        self._signer_pin: SignerPin | None = None  # the pin of the key in force (signing setups only)
+        self._pending_pin: tuple[SignerPin | None, SigningSetup] | None = None  # a KMS not pinned yet
+        self._pin_task: asyncio.Task[None] | None = None
+        self._last_pin_error: str | None = None
         self.alerts = alerts or AlertDispatcher(
             AlertConfig.from_policy(policy, self.environ, dev=config.dev), log=self._log
         )
@@ -153,6 +217,8 @@ class EngineServer:
             # or unreadable chain is a refusal (1).
             return 4 if getattr(exc, "code", "") in ("WAL_UNAVAILABLE", "WAL_CHAIN_LOCKED") else 1
         self.wal.start()
+        if self._pending_pin is not None:
+            self._pin_task = asyncio.create_task(self._pin_later(), name="pin-signer")
         self.alerts.start()
         for problem in self.alerts.check_policy(self.policy):
             self._log(problem)
@@ -210,8 +276,16 @@ class EngineServer:
         await done
 
     def _initialise(self) -> None:
-        """Open the WAL, verify from the last verified checkpoint, replay state, sign any unsigned tail."""
+        """Start the providers, open the WAL, verify from the last verified checkpoint, replay state,
+        settle the checkpoint signer (pin, or hand over to a new key), sign any unsigned tail."""
         validate_policy(self.policy)  # an egress entry the engine cannot read refuses the start (ValueError)
+        if self.providers is not None:
+            self.providers.start()
+            # READY with every provider's first health check answered (or failed): `status` means something
+            # from the first moment, and a provider that cannot start is DOWN, not "not yet known".
+            settle = max(1.0, min(15.0, self.config.cold_start_deny_window / 2))
+            if not self.providers.wait_settled(settle):
+                self._log(f"providers not all settled within {settle:g}s; serving (calls to them wait or fail)")
         self.wal.open()
         head_seq = self.wal.seq
         start_seq, prev = 1, None
@@ -233,18 +307,34 @@ class EngineServer:
         applied = self.wal.meta.get("policy_version")
         if applied == self.policy.version and self.wal.meta.get("policy_applied_at"):
             self.applied_at = self.wal.meta["policy_applied_at"]
-        if self.wal.recovery_checkpoint_needed():
-            self.wal.write_checkpoint_sync("recovery")
+        if self.signing is not None:
+            self._settle_signer(self.signing)
+        if self.wal.recovery_checkpoint_needed() and not self.wal.write_checkpoint_sync("recovery"):
+            self._log(f"the recovery checkpoint is queued until the signer answers ({self.wal.signing_error})")
+
+    def _trusted_keys(self) -> dict[str, str]:
+        """Keys whose checkpoints anchor start-up verification: the key the WAL was built with, the
+        engine's local key and every KMS key it pinned (state dir, not the WAL: a WAL rewritten by someone
+        else cannot make the engine trust a key of theirs)."""
+        keys: dict[str, str] = {}
+        if self.wal.signer is not None:
+            keys[self.wal.signer.fingerprint] = self.wal.signer.public_b64
+        if self.signing is not None:
+            keys[self.signing.local.fingerprint] = self.signing.local.public_b64
+            if self.signing.pins_file is not None:
+                for pin in read_pins(self.signing.pins_file):
+                    keys.setdefault(pin.fingerprint, pin.public_key)
+        return keys
 
     def _last_verified_checkpoint(self, head_seq: int) -> Checkpoint | None:
-        """The newest checkpoint this engine's key signed over the head hash stored at its seq; start-up
+        """The newest checkpoint a trusted key signed over the head hash stored at its seq; start-up
         verification starts after it. A checkpoint beyond the head means records were removed."""
-        key = self.wal.signer
+        trusted = self._trusted_keys()
         for cp in reversed(self.wal.store.checkpoints()):
-            if cp.key_fingerprint != key.fingerprint or cp.public_key != key.public_b64:
+            if trusted.get(cp.key_fingerprint) != cp.public_key:
                 continue
             message = checkpoint_message(self.wal.chain_id, cp.seq, cp.head_hash)
-            if not verify_signature(cp.public_key, message, cp.signature):
+            if not verify_checkpoint_signature(cp.key_fingerprint, cp.public_key, message, cp.signature):
                 continue
             if cp.seq > head_seq:
                 raise ChainBroken(
@@ -277,6 +367,228 @@ class EngineServer:
         self.wal.meta.update(meta)
         return timestamp
 
+    # ---- checkpoint signer: pin, keep, or hand over (signing setups, i.e. `serve`)
+    def _settle_signer(self, setup: SigningSetup) -> None:
+        """Start-up (init thread, before the committer runs): decide which key signs from now on."""
+        wal = self.wal
+        prev = SignerPin.from_json(wal.meta.get(META_SIGNING_KEY)) or self._pin_from_checkpoints(setup)
+        new_key, new_pin = self._connect_signer(setup)
+        if new_key is None:
+            kept = self._kept_pin(setup, prev)
+            if kept is not None:
+                new_key, new_pin = kept
+                self._log(
+                    f"checkpoints stay pinned to {new_pin.key_id} ({new_pin.fingerprint}) and queue until it answers"
+                )
+        if new_key is None or new_pin is None:
+            wal.signer = None
+            self._pending_pin = (prev, setup)
+            self._log(f'checkpoints queue until the kms provider "{setup.provider}" answers and its key is pinned')
+            return
+        if prev is None or wal.seq == 0 or prev.fingerprint == new_pin.fingerprint:
+            wal.signer = new_key
+            self._record_pin(new_pin, prev, sync=True)
+            self._record_pin_file(new_pin)
+            return
+        old_key, temp_host = self._old_signer(setup, prev)
+        try:
+            stored = wal.append_sync(
+                self._change_record(prev, new_pin, old_key is not None), meta={META_SIGNING_KEY: new_pin.to_json()}
+            )
+            if old_key is not None:
+                try:
+                    cp = wal.sign_head(old_key, Head(stored.seq, stored.record_hash, "signer_change", self.clock()))
+                    wal.commit_checkpoint_sync(cp)
+                except SigningFailed as exc:
+                    self._log(f"the old key could not sign the hand-over at seq {stored.seq}: {exc}")
+        finally:
+            if temp_host is not None:
+                temp_host.close()
+        wal.signer = new_key
+        self._signer_pin = new_pin
+        self._record_pin_file(new_pin)
+        self._log(f"checkpoint signer changed: {prev.key_id} → {new_pin.key_id} (provider_change at seq {stored.seq})")
+
+    def _connect_signer(self, setup: SigningSetup) -> tuple[CheckpointKey | None, SignerPin | None]:
+        """The key that should sign now, fetched and pinned (blocking: a KMS round trip)."""
+        stamp = rfc3339(self.clock())
+        if setup.provider is None:
+            return setup.local, SignerPin.of(setup.local, pinned_at=stamp)
+        if self.providers is None:
+            return None, None
+        outcome = CheckpointSigner.connect(self.providers, setup.provider, timeout=setup.timeout)
+        if isinstance(outcome, ProviderFailure):
+            why = f'checkpoint signer "{setup.provider}" is unavailable: {outcome}'
+            if why != self._last_pin_error:  # retried every PIN_RETRY_S: say each new reason once
+                self._log(why)
+                self._last_pin_error = why
+            return None, None
+        config = thaw(setup.provider_config) if setup.provider_config is not None else None
+        return outcome, SignerPin.of(outcome, setup.provider, config, pinned_at=stamp)
+
+    def _kept_pin(self, setup: SigningSetup, prev: SignerPin | None) -> tuple[CheckpointKey, SignerPin] | None:
+        """A KMS that does not answer at start keeps the key pinned for the same provider block."""
+        if setup.provider is None or self.providers is None:
+            return None
+        config = thaw(setup.provider_config) if setup.provider_config is not None else None
+        candidates = [prev, *(read_pins(setup.pins_file) if setup.pins_file is not None else [])]
+        for pin in candidates:
+            if pin is None or pin.provider != setup.provider or pin.config != config:
+                continue
+            der = _pin_der(pin)
+            if der is None:
+                continue
+            return CheckpointSigner.from_pin(self.providers, setup.provider, pin.key_id, der), pin
+        return None
+
+    def _pin_from_checkpoints(self, setup: SigningSetup) -> SignerPin | None:
+        """A WAL written before signers were pinned: the key of its last checkpoint."""
+        checkpoints = self.wal.store.checkpoints()
+        if not checkpoints:
+            return None
+        last = checkpoints[-1]
+        if last.key_fingerprint == setup.local.fingerprint and last.public_key == setup.local.public_b64:
+            return SignerPin.of(setup.local)
+        if key_fingerprint(last.public_key) != last.key_fingerprint:
+            return None
+        algorithm = "ed25519" if last.key_fingerprint.startswith("ed25519:") else "ecdsa-p256-sha256"
+        return SignerPin(f"unknown:{last.key_fingerprint}", last.key_fingerprint, algorithm, last.public_key)
+
+    def _old_signer(self, setup: SigningSetup, prev: SignerPin) -> tuple[CheckpointKey | None, ProviderHost | None]:
+        """The key being retired, to sign the hand-over: the engine's local key, or the old KMS reached
+        again through the provider block pinned with it (a provider child of its own, closed after)."""
+        if prev.fingerprint == setup.local.fingerprint:
+            return setup.local, None
+        if prev.provider is None or prev.config is None:
+            self._log(f"the old checkpoint key {prev.key_id} cannot be reached: the hand-over is not countersigned")
+            return None, None
+        host = ProviderHost({prev.provider: prev.config}, self.environ, log=self._log)
+        host.start()
+        outcome = CheckpointSigner.connect(host, prev.provider, timeout=setup.timeout)
+        if isinstance(outcome, CheckpointSigner) and outcome.fingerprint == prev.fingerprint:
+            return outcome, host
+        host.close()
+        why = str(outcome) if isinstance(outcome, ProviderFailure) else f"it now holds {outcome.key_id}"
+        self._log(f"the old checkpoint key {prev.key_id} cannot sign the hand-over ({why}): not countersigned")
+        return None, None
+
+    def _change_record(self, prev: SignerPin, new: SignerPin, countersigned: bool) -> dict[str, Any]:
+        now, record_id, timestamp = self._ids()
+        return {
+            "id": record_id,
+            "time": timestamp,
+            "epoch_ms": int(now * 1000),
+            "action_type": "provider_change",
+            "change": "checkpoint_signer",
+            "from": prev.public(),
+            "to": new.public(),
+            # The old key signs the checkpoint at this record when it can be reached (`audit verify` checks).
+            "old_key_available": countersigned,
+            "policy_version": self.policy.version,
+            "dev": self.state.dev,
+        }
+
+    def _record_pin(self, pin: SignerPin, prev: SignerPin | None, *, sync: bool) -> None:
+        """The pin of the key in force, in the WAL meta (once: an unchanged key keeps its first pin)."""
+        if prev is not None and prev.fingerprint == pin.fingerprint and prev.key_id == pin.key_id:
+            pin = SignerPin(pin.key_id, pin.fingerprint, pin.algorithm, pin.public_key, pin.provider, pin.config,
+                            prev.pinned_at or pin.pinned_at)  # fmt: skip
+        self._signer_pin = pin
+        text = pin.to_json()
+        if self.wal.meta.get(META_SIGNING_KEY) == text:
+            return
+        if sync:
+            self.wal.store.commit(Batch(meta={META_SIGNING_KEY: text}))
+            self.wal.meta[META_SIGNING_KEY] = text
+        else:
+            self.wal.set_meta({META_SIGNING_KEY: text})
+
+    def _record_pin_file(self, pin: SignerPin) -> None:
+        """KMS keys also go to the state dir, where `audit verify` pins them as it pins signing.key."""
+        if pin.provider is None or self.signing is None or self.signing.pins_file is None:
+            return
+        try:
+            add_pin(self.signing.pins_file, pin)
+        except OSError as exc:
+            self._log(f"cannot record the pinned key in {self.signing.pins_file}: {exc}")
+
+    async def _pin_later(self) -> None:
+        """A KMS never pinned was down at start: ask again until it answers, then hand over to it."""
+        assert self._pending_pin is not None
+        prev, setup = self._pending_pin
+        loop = asyncio.get_running_loop()
+        while True:
+            new_key, new_pin = await loop.run_in_executor(None, self._connect_signer, setup)
+            if new_key is not None and new_pin is not None:
+                break
+            await asyncio.sleep(PIN_RETRY_S)
+        self._pending_pin = None
+        if prev is None or self.wal.seq == 0 or prev.fingerprint == new_pin.fingerprint:
+            self._record_pin(new_pin, prev, sync=False)
+        else:
+            old_key, temp_host = await loop.run_in_executor(None, self._old_signer, setup, prev)
+            try:
+                record = self._change_record(prev, new_pin, old_key is not None)
+                stored = await self.wal.append(record, meta={META_SIGNING_KEY: new_pin.to_json()})
+                self._signer_pin = new_pin
+                self._show(record)
+                if old_key is not None:
+                    head = Head(stored.seq, stored.record_hash, "signer_change", self.clock())
+                    try:
+                        cp = await loop.run_in_executor(None, self.wal.sign_head, old_key, head)
+                        self.wal.offer_checkpoint(cp)
+                        await self.wal.wait_signed(stored.seq, max(self.signing_timeout, 10.0))
+                    except SigningFailed as exc:
+                        self._log(f"the old key could not sign the hand-over at seq {stored.seq}: {exc}")
+            except StoreError as exc:
+                self._log(f"the signer change could not be recorded: {exc}; retrying")
+                self._pending_pin = (prev, setup)
+                await asyncio.sleep(PIN_RETRY_S)
+                self._pin_task = asyncio.create_task(self._pin_later(), name="pin-signer")
+                return
+            finally:
+                if temp_host is not None:
+                    await loop.run_in_executor(None, temp_host.close)
+            self._log(f"checkpoint signer changed: {prev.key_id} → {new_pin.key_id}")
+        self.wal.set_signer(new_key)
+        await loop.run_in_executor(None, self._record_pin_file, new_pin)
+
+    def _provider_rows(self) -> list[dict[str, Any]]:
+        if self.providers is not None:
+            return [s.to_dict() for s in self.providers.status()]
+        if self.config.dev:  # dev stubs every provider it declares
+            return [
+                {
+                    "name": name,
+                    "type": str(p.get("type")),
+                    "health": str(Health.HEALTHY),
+                    "last_error": None,
+                    "since": self.started_at,
+                    "restarts": 0,
+                    "pid": None,
+                    "stub": True,
+                }
+                for name, p in sorted(self.policy.providers.items())
+                if p.get("type") == "kms" or p.get("type") in _SECRET_TYPES
+            ]
+        return []
+
+    def _checkpoint_status(self) -> dict[str, Any]:
+        signer = self.wal.signer
+        pin = self._signer_pin
+        return {
+            "signer": signer.key_id if signer is not None else None,
+            "fingerprint": signer.fingerprint if signer is not None else None,
+            "provider": pin.provider if pin is not None else None,
+            "remote": self.wal.remote_signing,
+            "queue": self.wal.queue_depth,
+            "unsigned_records": max(0, self.wal.seq - self.wal.signed_seq),
+            "coalesced": self.wal.heads_coalesced,
+            "last_error": self.wal.signing_error,
+            "pinning": self._pending_pin is not None,
+            "signing_required": self.wal.signing_required,
+        }
+
     async def drain(self) -> None:
         if self.lifecycle in (DRAINING, HALT):
             return
@@ -287,7 +599,13 @@ class EngineServer:
             await asyncio.wait_for(self._idle.wait(), 10)
         if self.egress is not None:
             await self.egress.close()
-        await self.wal.close()
+        if self._pin_task is not None:
+            self._pin_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pin_task
+        await self.wal.close()  # the shutdown checkpoint may still need the KMS: providers close after it
+        if self.providers is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.providers.close)
         await self.alerts.close()
         await self._close_sockets()
         self.lifecycle = HALT
@@ -443,8 +761,13 @@ class EngineServer:
             clock_ns=self.clock_ns,
         )
         verdict.record["epoch_ms"] = int(now * 1000)
+        secret: SecretValue | None = None
+        credential: dict[str, Any] | None = None
+        ref_text = credential_for(self.state.policy, verdict)
+        if ref_text is not None:  # step 9: permits only, before the DPR append
+            secret, credential = await self._broker(verdict, ref_text, now, started)
         try:
-            await self.wal.append(verdict.record, verdict.args_bytes, verdict.approval_writes)
+            stored = await self.wal.append(verdict.record, verdict.args_bytes, verdict.approval_writes)
         except StoreError:
             # WAL-first: a decision that is not on disk was never made, so neither are its state changes.
             for undo in reversed(verdict.undo):
@@ -462,12 +785,106 @@ class EngineServer:
                 },
             }
         self._show(verdict.record)
+        signed = True
+        if verdict.reply.get("effect") == PERMIT and self.wal.signing_required:
+            signed = await self.wal.wait_signed(stored.seq, self.signing_timeout)
+        if not signed:
+            return await self._withdraw(verdict, started, credential is not None)
         agent = self.state.policy.agents.get(str(verdict.record.get("agent_id")))
         if agent is not None and (agent.alerts or getattr(verdict.decision, "notify", None)):
             # After the commit and off the critical path: matched and queued on the loop's next turn, once
             # this reply is on its way; enqueueing never waits (a full queue drops and counts).
             asyncio.get_running_loop().call_soon(self.alerts.decision, agent, verdict.record, verdict.decision)
+        if secret is not None and credential is not None:
+            # Only now, after the commit: the value exists in this reply and nowhere else.
+            return {**verdict.reply, "credential": {**credential, "value": secret.reveal()}}
         return verdict.reply
+
+    async def _broker(
+        self, verdict: Verdict, ref_text: str, now: float, started: int
+    ) -> tuple[SecretValue | None, dict[str, Any] | None]:
+        """Fetch the permit's credential; on any failure turn the verdict into DENY CREDENTIAL_UNAVAILABLE."""
+        ref = parse_secret_ref(ref_text)  # compiled: always well-formed
+        ttl = credential_ttl(self.state.policy, ref.provider)
+        expires_at = rfc3339(now + ttl)
+        if self.config.dev:  # DESIGN.md §3: dev stubs every provider
+            stub = "STUB-" + self.random_bytes(12).hex()
+            reply = grant_credential(verdict, ref_text, ref.provider, None, expires_at=expires_at, ttl_seconds=ttl,
+                                     stub=True)  # fmt: skip
+            return SecretValue(stub), reply
+        outcome: SecretResult | ProviderFailure
+        if self.providers is None:
+            outcome = ProviderFailure(ref.provider, "get_secret", FailureCode.DOWN, "this engine runs no providers")
+        else:
+            args: dict[str, Any] = {"name": ref.name}
+            if ref.field is not None:
+                args["field"] = ref.field
+            result = await self.providers.acall(ref.provider, "get_secret", args)
+            outcome = (
+                result
+                if isinstance(result, SecretResult | ProviderFailure)
+                else ProviderFailure(
+                    ref.provider, "get_secret", FailureCode.PROTOCOL, "the provider answered with something else"
+                )
+            )
+        if isinstance(outcome, ProviderFailure):
+            # The host redacted the message of every secret it knows; it goes to the engine log only.
+            self._log(f"credential {ref_text} for {verdict.record.get('id')}: {outcome}")
+            deny_credential(verdict, ref_text, ref.provider, str(outcome.code), (self.clock_ns() - started) // 1000)
+            return None, None
+        reply = grant_credential(
+            verdict, ref_text, ref.provider, outcome.version, expires_at=expires_at, ttl_seconds=ttl
+        )
+        return outcome.value, reply
+
+    async def _withdraw(self, verdict: Verdict, started: int, had_credential: bool) -> dict[str, Any]:
+        """signing_required: no checkpoint covered this permit within signing_timeout. The permit is on
+        record, so a `permit_withdrawn` DPR says it was not delivered (and gives back its budget estimate
+        at replay); the state it changed is undone; the agent gets a deny and never the credential."""
+        for undo in reversed(verdict.undo):
+            undo()
+        rows = []
+        for row in verdict.approval_writes:
+            approval = self.state.approvals.get(str(row.get("id")))
+            if approval is not None:
+                rows.append(approval.to_row())
+        now, record_id, timestamp = self._ids()
+        action_id = verdict.record.get("id")
+        record = {
+            "id": record_id,
+            "time": timestamp,
+            "epoch_ms": int(now * 1000),
+            "action_type": "permit_withdrawn",
+            "agent_id": verdict.record.get("agent_id"),
+            "tool": verdict.record.get("tool"),
+            "withdraws": action_id,
+            "effect": "DENY",
+            "code": "SIGNING_UNAVAILABLE",
+            "cost_delta_cents": -int(verdict.record.get("cost_cents") or 0),
+            "credential_delivered": False if had_credential else None,
+            "policy_version": self.policy.version,
+            "dev": self.state.dev,
+        }
+        try:
+            await self.wal.append(record, None, rows)
+            self._show(record)
+        except StoreError as exc:  # the deny stands: the permit was never delivered
+            self._log(f"could not record the withdrawal of {action_id}: {exc}")
+        return {
+            "call_id": verdict.reply.get("call_id"),
+            "effect": "DENY",
+            "action_id": action_id,
+            "latency_us": (self.clock_ns() - started) // 1000,
+            "structured_denial": {
+                "code": "SIGNING_UNAVAILABLE",
+                "rule_ref": verdict.record.get("rule_ref"),
+                "human_message": (
+                    f"signing_required: no signed checkpoint covered this permit within {self.signing_timeout:g}s "
+                    "(the signing key is unavailable), so the call is denied"
+                ),
+                "resolution": {"type": "retry_after"},
+            },
+        }
 
     def _show(self, record: dict[str, Any]) -> None:
         """dev: every committed DPR is printed on stderr (pretty JSON)."""
@@ -594,6 +1011,14 @@ class EngineServer:
             alert_config = AlertConfig.from_policy(policy, self.environ, dev=self.config.dev)
         except (EgressConfigError, ValueError) as exc:
             raise _VerbError("RELOAD_REFUSED", f"the running policy stays: {exc}") from None
+        if not self.config.dev and thaw(policy.providers) != thaw(self.policy.providers):
+            # Provider children (and the checkpoint signer) are started with the engine, from its
+            # environment: a changed provider block takes a restart, never a half-swapped provider.
+            raise _VerbError(
+                "RELOAD_REFUSED",
+                "the running policy stays: its provider blocks changed, and providers start with the engine; "
+                "restart it (faramesh apply --stop, then faramesh apply)",
+            )
         try:  # WAL-first: the change is on record before any call is decided under it
             activated = await self._record_policy_activation("reload", policy.version, self.policy.version)
         except StoreError as exc:
@@ -707,7 +1132,13 @@ class EngineServer:
                 .replace(tzinfo=__import__("datetime").UTC)
                 .timestamp()
             )
-        degraded = self.wal.failures > 0
+        providers = self._provider_rows()
+        troubled = [p for p in providers if p["health"] != str(Health.HEALTHY)]
+        degraded = self.wal.failures > 0 or bool(troubled)
+        last_error = self.wal.last_error
+        if last_error is None and troubled:
+            row = troubled[0]
+            last_error = f'provider "{row["name"]}" {row["health"]}: {row["last_error"] or "no answer yet"}'
         budgets = []
         for (agent_id, name), usage in sorted(self.state.budgets.items()):
             budget = (
@@ -730,7 +1161,7 @@ class EngineServer:
             "daemon": {
                 "state": self.lifecycle,
                 "degraded": degraded,
-                "last_error": self.wal.last_error,
+                "last_error": last_error,
                 "pid": os.getpid(),
                 "uptime_seconds": int(now - self.started_at),
                 "socket": str(self.config.sockets[0].path) if self.config.sockets else None,
@@ -740,15 +1171,37 @@ class EngineServer:
                 "mode": self.state.mode,
                 "dev": self.config.dev,
                 "os_tier": bool(self.policy.runtime.get("os_tier", False)),
-                "wal": {**self.config.wal_description, "seq": self.wal.seq, "signed_through": self.wal.signed_seq},
+                "wal": {
+                    **self.config.wal_description,
+                    "seq": self.wal.seq,
+                    "signed_through": self.wal.signed_seq,
+                    "checkpoints": self._checkpoint_status(),
+                },
                 "logs": self.config.logs,
             },
-            "providers": [],
+            "providers": providers,
             "egress_proxy": self.egress.status() if self.egress is not None else None,
             "budgets": budgets,
             "approvals": {"pending": len(pending), "oldest_age_seconds": oldest},
             "alerts": self.alerts.snapshot(),
         }
+
+
+def _pin_der(pin: SignerPin) -> bytes | None:
+    """A pin's public key as SubjectPublicKeyInfo DER (pins store Ed25519 keys raw)."""
+    import base64
+    import binascii
+
+    from faramesh.engine.providers.signing import UnsupportedKey, spki_from_ed25519_raw
+
+    try:
+        raw = base64.b64decode(pin.public_key, validate=True)
+        return spki_from_ed25519_raw(raw) if len(raw) == 32 else raw
+    except (binascii.Error, ValueError, UnsupportedKey):
+        return None
+
+
+_SECRET_TYPES = ("vault", "aws-secrets-manager", "gcp-secret-manager", "azure-key-vault")
 
 
 class _VerbError(Exception):

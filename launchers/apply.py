@@ -21,6 +21,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,33 @@ def _unlock_for_write(stack: Path) -> None:
                 immutable.clear_immutable(str(path))
 
 
+def local_signing_refusal(runtime: Mapping[str, Any], providers: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Why `apply` refuses this stack, or None. A stack that writes `mode = "enforce"` declares itself
+    production; its audit chain must then be signed by a KMS the host cannot read, unless the operator
+    says otherwise: `signing_warning_acknowledged = true`. Local signing means no `kms` provider (the
+    engine's own key in the state dir) or `kms` with `backend = "local"` (a key file on this host).
+    A stack that does not write `mode` gets the same signing without the refusal (the engine enforces
+    either way; only the explicit declaration is held to production's standard). Identity has no stub
+    here: `serve` never uses `dev`'s synthesized identities (an agent is known by its socket and
+    SO_PEERCRED, kernel-attested, unless an `identity` block says otherwise)."""
+    if runtime.get("mode") != "enforce" or runtime.get("signing_warning_acknowledged") is True:
+        return None
+    kms = [(name, p) for name, p in providers.items() if p.get("type") == "kms"]
+    if kms and all(p.get("backend") != "local" for _, p in kms):
+        return None
+    how = (
+        f'provider "{kms[0][0]}" is `kms` with backend = "local" (a key file on this host)'
+        if kms
+        else "no `kms` provider is declared, so checkpoints would be signed with the engine's local key"
+    )
+    return (
+        f'mode = "enforce" with local audit signing: {how}. Someone who compromises this host could re-sign '
+        'the audit history. Declare a `provider "audit-kms" { type = "kms"; backend = "aws-kms" | '
+        '"vault-transit" … }`, or acknowledge local signing with `signing_warning_acknowledged = true` '
+        "in the runtime block"
+    )
+
+
 def uid_report(stack: Path, registry: Path | None = None) -> tuple[list[str], list[str]]:
     """(lines describing the host uids engine and agents would run as, problems preventing separation)."""
     from faramesh.engine.policy.stack import compile_stack
@@ -287,6 +315,10 @@ def apply(
         sys.stderr.write(f"{where}error: {err.message}\nfaramesh apply: nothing changed\n")
         return int(err.exit_code)
     policy = compiled.policy
+    refusal = local_signing_refusal(policy.runtime, policy.providers)
+    if refusal is not None:
+        _err(f"{refusal}; nothing changed")
+        return EXIT_FAILED
     version = policy.version
     paths = stack_paths(stack)
     if require_uid_separation:

@@ -72,7 +72,8 @@ KeyOpt = Annotated[
     list[Path] | None,
     typer.Option(
         "--key",
-        help="Pin a checkpoint-signing public key: a file of ed25519:BASE64 lines or PEM (repeatable).",
+        help="Pin a checkpoint-signing public key: a file of ed25519:BASE64 / ecdsa-p256:BASE64 lines or PEM "
+        "(Ed25519 or P-256, e.g. from `aws kms get-public-key`) (repeatable).",
     ),
 ]
 FormatOpt = Annotated[Format, typer.Option("--format", help="Output format; json is a stable schema (README).")]
@@ -198,6 +199,25 @@ def _describe_keys(pins: PinnedKeys, used: list[str]) -> str:
     return ", ".join(parts)
 
 
+def _signing_lines(report: Any, pins: PinnedKeys | None) -> list[str]:
+    """Per-key checkpoint counts, signer changes and dev-tagged records (`dev` keeps its WAL in memory, so
+    on disk such a record is out of place), as text lines."""
+    lines = []
+    for fp, count in report.key_counts.items():
+        key_id = pins.key_ids.get(fp) if pins is not None else None
+        label = f" ({key_id})" if key_id else ""
+        lines.append(f"  key {fp}{label}: {count} checkpoint(s)\n")
+    for change in report.signer_changes:
+        how = "countersigned by the old key" if change["countersigned"] else "NOT countersigned by the old key"
+        lines.append(f"signer change at seq {change['seq']}: {change['from']} → {change['to']} ({how})\n")
+    if report.dev_records:
+        lines.append(
+            f"warning: {report.dev_records} record(s) are tagged dev (written by `faramesh dev` or a stub) in a "
+            "WAL that `faramesh serve` writes\n"
+        )
+    return lines
+
+
 class _Progress:
     """`verified N of M records` on stderr, redrawn in place on a terminal, one line each otherwise."""
 
@@ -295,6 +315,13 @@ def audit_verify(
         f"checkpoints: {report.checkpoints} verified, signed through seq {report.signed_through}; "
         f"keys ({pinned}): {_describe_keys(pins, report.keys_used)}\n"
     )
+    for line in _signing_lines(report, pins):
+        out(line)
+    for signer in result.wal_signer:
+        if signer.get("fingerprint") not in pins.keys:
+            out(
+                f"the WAL names signer {signer.get('key_id')} ({signer.get('fingerprint')}), which is not pinned here\n"
+            )
     for lo, hi in report.recovery_signed:
         out(f"signed late: records {lo}–{hi}, by a recovery checkpoint at seq {hi} ")
         out("(the engine had stopped before signing them)\n")
@@ -537,6 +564,8 @@ def audit_verify_bundle(
         f"checkpoints: {report.checkpoints} verified, signed through seq {report.signed_through}; "
         f"keys from {', '.join(result.keys_from)}\n"
     )
+    for line in _signing_lines(report, pins):
+        out(line)
     for lo, hi in report.recovery_signed:
         out(f"signed late: records {lo}–{hi}, by a recovery checkpoint at seq {hi}\n")
     if report.unsigned:

@@ -676,6 +676,8 @@ def _status_once(stack: Path, socket: Path | None, format: Format, *, compact: b
             f"signed through {wal.get('signed_through')}\n"
             f"approvals {reply['approvals']['pending']} pending\n"
         )
+        for line in _signing_status_lines(wal.get("checkpoints"), reply.get("providers") or []):
+            sys.stdout.write(line)
         for b in reply["budgets"]:
             used = b["spent_cents"] + b["reserved_cents"]
             name = f"{b['agent_id']}/{b['name']}"
@@ -713,6 +715,24 @@ def _status_once(stack: Path, socket: Path | None, format: Format, *, compact: b
         not sup["alive"] or any(a["state"] == "FATAL" or a.get("reason") for a in sup["agents"])
     )
     return EXIT_WARN if daemon["degraded"] or troubled else EXIT_OK
+
+
+def _signing_status_lines(checkpoints: Any, providers: list[dict[str, Any]]) -> list[str]:
+    """`signing` and one `provider` line each: health and the last (redacted) error; the checkpoint
+    queue that grows while the KMS cannot sign."""
+    lines = []
+    if isinstance(checkpoints, dict):
+        signer = checkpoints.get("signer") or ("(pinning the KMS key)" if checkpoints.get("pinning") else "none")
+        queue = f"  queue {checkpoints.get('queue', 0)}, {checkpoints.get('unsigned_records', 0)} unsigned record(s)"
+        error = f"  (last error: {checkpoints['last_error']})" if checkpoints.get("last_error") else ""
+        required = "  signing_required" if checkpoints.get("signing_required") else ""
+        lines.append(f"signing   {signer}{queue}{required}{error}\n")
+    for p in providers:
+        stub = "  (dev stub)" if p.get("stub") else ""
+        error = f"  last error: {p['last_error']}" if p.get("last_error") and p.get("health") != "HEALTHY" else ""
+        restarts = f"  restarts {p['restarts']}" if p.get("restarts") else ""
+        lines.append(f"provider  {p.get('name')} ({p.get('type')}): {p.get('health')}{stub}{restarts}{error}\n")
+    return lines
 
 
 def _supervisor_status(stack: Path) -> dict[str, Any] | None:

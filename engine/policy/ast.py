@@ -75,6 +75,9 @@ class RuleDecl:
     notify: str | None
     reason: str | None
     pos: SourcePos
+    # `credential "vault:stripe#api_key"`: the secret the engine brokers into this rule's permits
+    # (providers/protocol.py SecretRef syntax; checked against the declared providers by the compiler).
+    credential: str | None = None
 
 
 @dataclass(frozen=True)

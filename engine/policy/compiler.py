@@ -77,6 +77,7 @@ class _Compiler:
     def __init__(self, env: Mapping[str, str], options: CompileOptions) -> None:
         self.env = env
         self.options = options
+        self.providers: Mapping[str, Mapping[str, Any]] = {}  # the stack's, once its blocks are compiled
         self.literal_secrets: dict[str, str] = {}
         self._literal_owner: dict[str, str] = {}  # $env name → the field it was made for
 
@@ -242,7 +243,39 @@ class _Compiler:
             out["reason"] = r.reason
         if origin is not None:
             out["origin"] = origin
+        if r.credential is not None:
+            out["credential"] = self.credential(r)
         return out
+
+    def credential(self, r: RuleDecl) -> str:
+        """A rule's `credential "<provider>:<name>[#field]"`, checked against the stack's providers."""
+        from faramesh.engine.providers.protocol import parse_secret_ref
+
+        assert r.credential is not None
+        if r.effect == "deny":
+            raise PolicySchemaError(
+                "only permit and defer rules can name a credential (a deny never receives one)", pos=r.pos
+            )
+        try:
+            ref = parse_secret_ref(r.credential)
+        except ValueError as exc:
+            raise PolicySchemaError(str(exc), pos=r.pos) from None
+        declared = self.providers.get(ref.provider)
+        if declared is None:
+            known = [n for n, p in self.providers.items() if p.get("type") in schema.SECRET_PROVIDER_TYPES]
+            raise PolicySchemaError(
+                f'credential {r.credential!r} names provider "{ref.provider}", which this stack does not declare'
+                + (f" (secret providers: {', '.join(sorted(known))})" if known else "")
+                + schema.did_you_mean(ref.provider, known),
+                pos=r.pos,
+            )
+        if declared.get("type") not in schema.SECRET_PROVIDER_TYPES:
+            raise PolicySchemaError(
+                f'credential {r.credential!r} names provider "{ref.provider}" of type {declared.get("type")}, '
+                f"which does not serve secrets (use one of type {', '.join(schema.SECRET_PROVIDER_TYPES)})",
+                pos=r.pos,
+            )
+        return str(ref)
 
     def agent(self, a: AgentDecl, ref_of: Any, origin: str | None) -> dict[str, Any]:
         if not AGENT_ID_RE.fullmatch(a.agent_id) or ".." in a.agent_id.split("/"):
@@ -336,6 +369,8 @@ class _Compiler:
                     pos=assignment.pos,
                 )
         extra = self.fields(a.fields, schema.AGENT_FIELDS, f'agent "{a.agent_id}"')
+        compiled_rules = [self.rule(r, ref_of(r.pos), origin) for r in a.rules]
+        _unique_credential_refs(compiled_rules, a.rules)
         return {
             "agent_id": a.agent_id,
             "default": a.default,
@@ -343,7 +378,7 @@ class _Compiler:
             "framework": a.framework,
             "command": extra.get("command"),
             "ref": ref_of(a.pos),
-            "rules": [self.rule(r, ref_of(r.pos), origin) for r in a.rules],
+            "rules": compiled_rules,
             "rate_limits": rates,
             "budgets": budgets,
             "redactions": redactions,
@@ -387,6 +422,28 @@ def validate_trust(keys: tuple[TrustKeyDecl, ...]) -> list[dict[str, str]]:
         seen.add(key.publisher)
         out.append({"publisher": key.publisher, "key": key.key})
     return out
+
+
+def _unique_credential_refs(rules: list[dict[str, Any]], decls: tuple[RuleDecl, ...]) -> None:
+    """The engine finds a permit's credential by the deciding rule's ref (`file:line`): a rule naming
+    a credential must not share its line with another rule."""
+    seen: dict[str, int] = {}
+    for rule in rules:
+        seen[rule["ref"]] = seen.get(rule["ref"], 0) + 1
+    for rule, decl in zip(rules, decls, strict=True):
+        if "credential" in rule and seen[rule["ref"]] > 1:
+            raise PolicySchemaError("a rule that names a credential must be on a line of its own", pos=decl.pos)
+
+
+def _check_signers(providers: Mapping[str, Mapping[str, Any]], main: PolicyFile) -> None:
+    """Checkpoints have one signer: at most one `kms` provider per stack."""
+    kms = [name for name, p in providers.items() if p.get("type") == "kms"]
+    if len(kms) > 1:
+        pos = next((b.pos for b in main.blocks if b.kind == "provider" and b.label == kms[1]), None)
+        raise PolicySchemaError(
+            f"checkpoints are signed by one key: declare one `kms` provider, not {len(kms)} ({', '.join(kms)})",
+            pos=pos,
+        )
 
 
 def _merge_agent(local: dict[str, Any], imported: dict[str, Any]) -> None:
@@ -457,6 +514,8 @@ def compile_files(
     """
     c = _Compiler(env or {}, options or CompileOptions())
     runtime, providers, identities = c.file_blocks(main)
+    _check_signers(providers, main)
+    c.providers = providers
     problem = schema.runtime_problem(runtime)
     if problem is not None:
         message, field_name = problem
@@ -475,7 +534,8 @@ def compile_files(
     import_records = []
     for imp in imports:
         # Validated, never applied (see module docstring); a separate compiler so that literal
-        # secrets in an artifact can never land in (or overwrite) the stack's own references.
+        # secrets in an artifact can never land in (or overwrite) the stack's own references. Its
+        # rules' credentials name the stack's providers (c.providers): the operator owns those.
         _Compiler(c.env, c.options).file_blocks(imp.file)
         if imp.file.imports:
             raise PolicySchemaError(

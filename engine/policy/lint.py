@@ -1,5 +1,6 @@
 """Warnings `check` prints (and fails on with `--strict`): missing defaults, unreachable rules,
-shadowed rules and rules that can never match. Pure: works on the compiled policy."""
+shadowed rules, rules that can never match, and credentials handed to an agent that could send them
+out through its allowed egress. Pure: works on the compiled policy."""
 
 from __future__ import annotations
 
@@ -94,4 +95,26 @@ def lint(policy: CompiledPolicy) -> list[Finding]:
                             )
                         )
             earlier.append(rule)
+        findings.extend(_exfiltrable_credentials(agent_id, agent.rules, agent.settings.get("egress")))
     return findings
+
+
+def _exfiltrable_credentials(agent_id: str, rules: tuple[Rule, ...], egress: object) -> list[Finding]:
+    """A credential delivered in a permit (SDK tier) is held by the agent for its TTL: with somewhere to
+    send it (a non-empty egress allow list), the policy cannot stop it leaving. Said, not refused: the
+    operator may accept that, or move the secret to the proxy tier."""
+    allow = egress.get("allow") if hasattr(egress, "get") else None
+    if not allow:
+        return []
+    hosts = ", ".join(str(h) for h in list(allow)[:3]) + (" …" if len(allow) > 3 else "")
+    return [
+        Finding(
+            "CREDENTIAL_EXFILTRABLE",
+            rule.ref,
+            f'`{rule.effect} {rule.pattern}` hands credential "{rule.credential}" to agent "{agent_id}" in the '
+            f"permit response, and the agent may reach {hosts} through its egress allow list: it could send "
+            "the secret there (SDK-tier delivery is advisory)",
+        )
+        for rule in rules
+        if rule.credential is not None
+    ]

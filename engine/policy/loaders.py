@@ -13,7 +13,8 @@ Shape (documented in the README):
         default: deny
         framework: langgraph
         command: "python agent.py"
-        rules: [{effect: permit, tool: refund, condition: "amount < $25", notify: "#x", reason: "…"}]
+        rules: [{effect: permit, tool: refund, condition: "amount < $25", notify: "#x", reason: "…",
+                 credential: "vault:stripe#api_key"}]
         rate_limits: [{tool: refund, limit: 5, per: minute}]
         budgets: {daily: {max: 1000, on_exceed: defer}}
         redactions: [{tool: refund, args: [card.number]}]
@@ -216,13 +217,11 @@ class _Builder:
     def rule(self, node: Any, ptr: str, parent: SourcePos) -> RuleDecl:
         pos = self.lines.pos(node, parent)
         r = self.mapping(node, f"rule {ptr}", pos)
-        unknown = set(r) - {"effect", "tool", "condition", "notify", "reason"}
+        known = ["effect", "tool", "condition", "notify", "reason", "credential"]
+        unknown = set(r) - set(known)
         if unknown:
             bad = sorted(unknown)[0]
-            raise PolicySchemaError(
-                f"unknown rule field `{bad}`" + did_you_mean(bad, ["effect", "tool", "condition", "notify", "reason"]),
-                pos=pos,
-            )
+            raise PolicySchemaError(f"unknown rule field `{bad}`" + did_you_mean(bad, known), pos=pos)
         effect = r.get("effect")
         if effect not in ("permit", "defer", "deny", "deny!"):
             raise PolicySchemaError(f"rule effect must be permit, defer, deny or deny! (got {effect!r})", pos=pos)
@@ -235,7 +234,7 @@ class _Builder:
             if not isinstance(cond, str):
                 raise PolicySchemaError("rule `condition` must be a string in FPL expression syntax", pos=pos)
             parsed = parse_condition(cond, self.file, pos)
-        for key in ("notify", "reason"):
+        for key in ("notify", "reason", "credential"):
             if key in r and not isinstance(r[key], str):
                 raise PolicySchemaError(f"rule `{key}` must be a string", pos=pos)
         return RuleDecl(
@@ -246,6 +245,7 @@ class _Builder:
             r.get("notify"),
             r.get("reason"),
             pos,
+            r.get("credential"),
         )
 
     def agent(self, agent_id: str, node: Any, parent: SourcePos) -> AgentDecl:

@@ -57,6 +57,7 @@ class Rule:
     notify: str | None = None
     reason: str | None = None
     origin: str | None = None  # import alias/path for imported rules
+    credential: str | None = None  # `vault:stripe#api_key`: brokered into this rule's permits
     predicate: Predicate | None = field(default=None, compare=False, repr=False)
     glob: Any = field(default=None, compare=False, repr=False)
 
@@ -68,7 +69,7 @@ class Rule:
             "condition": thaw(self.condition) if self.condition is not None else None,
             "ref": self.ref,
         }
-        for key in ("notify", "reason", "origin"):
+        for key in ("notify", "reason", "origin", "credential"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -125,6 +126,8 @@ class Agent:
     prefix_lengths: tuple[int, ...] = field(default=(), compare=False, repr=False)
     needs_time: bool = field(default=False, compare=False, repr=False)
     has_strict: bool = field(default=False, compare=False, repr=False)
+    # rule ref → the secret reference its permits carry (the compiler keeps such refs unique per agent).
+    credentials: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     candidate_cache: dict[str, tuple[Rule, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +177,7 @@ def build_agent(data: Mapping[str, Any]) -> Agent:
                 notify=r.get("notify"),
                 reason=r.get("reason"),
                 origin=r.get("origin"),
+                credential=r.get("credential"),
                 predicate=compile_predicate(cond) if cond is not None else None,
                 glob=glob_to_regex(r["tool"]) if "*" in r["tool"] else None,
             )
@@ -208,6 +212,7 @@ def build_agent(data: Mapping[str, Any]) -> Agent:
         prefix_lengths=tuple(sorted({len(p) for p in prefixed})),
         needs_time=any(r.condition is not None and uses_time(r.condition) for r in rules),
         has_strict=any(r.strict for r in rules),
+        credentials=MappingProxyType({r.ref: r.credential for r in rules if r.credential is not None}),
     )
 
 

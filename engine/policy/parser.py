@@ -168,6 +168,9 @@ class _ToAst(Transformer[Token, Any]):
     def reason(self, items: list[Token]) -> tuple[str, str]:
         return ("reason", unquote(str(items[0])))
 
+    def credential(self, items: list[Token]) -> tuple[str, str]:
+        return ("credential", unquote(str(items[0])))
+
     @v_args(meta=True)
     def rule(self, meta: Any, items: list[Any]) -> RuleDecl:
         effect_tok = str(items[0])
@@ -175,6 +178,7 @@ class _ToAst(Transformer[Token, Any]):
         condition: Cond | None = None
         notify: str | None = None
         reason: str | None = None
+        credential: str | None = None
         rest = items[2:]
         if rest and isinstance(rest[0], Token) and rest[0].type == "COND_KW":
             condition = _as_cond(rest[1])
@@ -182,6 +186,10 @@ class _ToAst(Transformer[Token, Any]):
         for kind, text in rest:
             if kind == "notify":
                 notify = text
+            elif kind == "credential":
+                if credential is not None:
+                    raise PolicySyntaxError("a rule names at most one `credential`", pos=_pos(self.file, meta))
+                credential = text
             else:
                 reason = text
         strict = effect_tok == "deny!"
@@ -193,6 +201,7 @@ class _ToAst(Transformer[Token, Any]):
             notify,
             reason,
             _pos(self.file, meta),
+            credential,
         )
 
     def rules_block(self, items: list[RuleDecl]) -> tuple[str, tuple[RuleDecl, ...]]:
@@ -340,7 +349,7 @@ def _describe_expected(expected: set[str]) -> str:
 KEYWORDS = (
     "import", "runtime", "provider", "identity", "trust", "agent", "default", "rules", "framework",
     "rate_limit", "budget", "redact", "egress", "model_policy", "session", "alert", "permit", "defer",
-    "deny", "notify", "reason", "command", "when", "matches", "contains",
+    "deny", "notify", "reason", "credential", "command", "when", "matches", "contains",
 )  # fmt: skip
 _WORD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 

@@ -52,6 +52,12 @@ RUNTIME: dict[str, Field] = {
     "env_allow": L,
     "approval_ttl": D,
     "signing_required": B,
+    # How long a permit waits for the checkpoint that covers it when `signing_required = true`; past it
+    # the call is denied (SIGNING_UNAVAILABLE). Default 5s.
+    "signing_timeout": D,
+    # `apply` refuses a `mode = "enforce"` stack whose checkpoints are signed locally (no `kms` provider,
+    # or `backend = "local"`) unless this says the operator knows a host compromise could re-sign history.
+    "signing_warning_acknowledged": B,
     "call_cost": Field("money"),
     # The Slack incoming-webhook URL for `alert { notify = "slack://#chan" }`: its path is the credential,
     # so it is a secret (any literal is refused; env("…") compiles to a reference the engine resolves).
@@ -76,21 +82,47 @@ def runtime_problem(runtime: Mapping[str, Any]) -> tuple[str, str] | None:
 
 _COMMON_PROVIDER = {"type": Field("str", required=True), "timeout": D}
 
+# Vault authentication, shared by secrets (`vault`) and signing (`kms` with backend vault-transit).
+_VAULT_AUTH: dict[str, Field] = {
+    "auth_method": enum("token", "approle"),
+    "role_id": S,
+    "secret_id": SECRET,
+    "approle_mount": S,
+}
+# How long a credential handed to an agent in a permit is valid for (`expires_at` in the reply). The
+# agent holds it for that long: delivery in the permit response is advisory (README, "Credentials").
+_CREDENTIAL_TTL: dict[str, Field] = {"credential_ttl": D}
+
+# Provider types that serve secrets, i.e. that a rule's `credential "<provider>:<name>"` may name.
+SECRET_PROVIDER_TYPES = ("vault", "aws-secrets-manager", "gcp-secret-manager", "azure-key-vault")
+
 PROVIDER_TYPES: dict[str, dict[str, Field]] = {
-    "vault": {"addr": URL, "token": SECRET, "mount": S, "namespace": S, "role": S, "auth_method": S},
-    "aws-secrets-manager": {"region": S, "endpoint_url": URL, "role_arn": S, "secret_prefix": S},
-    "gcp-secret-manager": {"project": S, "credentials_file": S},
-    "azure-key-vault": {"vault_url": URL, "tenant_id": S, "client_id": S, "client_secret": SECRET},
+    "vault": {
+        "addr": URL,
+        "token": SECRET,
+        "mount": S,
+        "namespace": S,
+        "role": S,
+        **_VAULT_AUTH,
+        **_CREDENTIAL_TTL,
+    },
+    "aws-secrets-manager": {"region": S, "endpoint_url": URL, "role_arn": S, "secret_prefix": S, **_CREDENTIAL_TTL},
+    "gcp-secret-manager": {"project": S, "credentials_file": S, **_CREDENTIAL_TTL},
+    "azure-key-vault": {"vault_url": URL, "tenant_id": S, "client_id": S, "client_secret": SECRET, **_CREDENTIAL_TTL},
     "kms": {
-        "backend": enum("aws-kms", "gcp-kms", "vault-transit", "azure-kv"),
+        "backend": enum("aws-kms", "gcp-kms", "vault-transit", "azure-kv", "local"),
         "key_arn": S,
         "key_id": S,
         "key_name": S,
         "region": S,
         "endpoint_url": URL,
+        "role_arn": S,
         "addr": URL,
         "token": SECRET,
         "mount": S,
+        "namespace": S,
+        **_VAULT_AUTH,
+        "key_file": S,  # backend "local": where the child keeps its Ed25519 key (default: the state dir)
     },
     "splunk-sink": {"url": SECRET_URL, "token": SECRET, "index": S, "source": S, "sourcetype": S, "verify_tls": B},
     "datadog-sink": {"api_key": SECRET, "site": S, "service": S, "tags": L},

@@ -63,6 +63,7 @@ from faramesh.engine.providers.protocol import (
     failure_code,
     recv_frame,
 )
+from faramesh.engine.wal.signer import SigningFailed
 
 Outcome = SecretResult | SignResult | PublicKeyResult | EmitResult | HealthResult | ProviderFailure
 T = TypeVar("T", SecretResult, SignResult, PublicKeyResult, EmitResult, HealthResult)
@@ -959,7 +960,7 @@ class RemoteSigner:
         return result
 
 
-class SigningUnavailable(Exception):
+class SigningUnavailable(SigningFailed):
     """The KMS could not sign (down, timed out, key changed). The WAL keeps the checkpoint queued."""
 
     def __init__(self, failure: ProviderFailure) -> None:
@@ -976,11 +977,14 @@ class CheckpointSigner:
     def __init__(self, remote: RemoteSigner, pinned: PublicKeyResult) -> None:
         from faramesh.engine.providers.signing import checkpoint_public_b64
 
-        self.remote = remote
+        self.signer = remote
+        self.provider = remote.provider
         self.key_id = pinned.key_id
         self.algorithm = pinned.algorithm
         self.fingerprint = pinned.fingerprint
         self.public_b64 = checkpoint_public_b64(pinned.algorithm, pinned.der)
+        # The WAL's signer interface: a network round trip, never on the event loop.
+        self.remote = True
 
     @classmethod
     def connect(
@@ -992,8 +996,22 @@ class CheckpointSigner:
             return pinned
         return cls(remote, pinned)
 
+    @classmethod
+    def from_pin(
+        cls, host: ProviderHost, provider: str, key_id: str, der: bytes, *, timeout: float | None = None
+    ) -> CheckpointSigner:
+        """A signer for a key pinned earlier (recorded in the WAL), without asking the KMS now: an engine
+        restarting while its KMS is down keeps its pin, queues checkpoints, and signs once the KMS is back
+        (every signature still verified against this pin)."""
+        from faramesh.engine.providers.signing import algorithm_of
+
+        pinned = PublicKeyResult(provider, key_id, algorithm_of(der), der)
+        remote = RemoteSigner(host, provider, timeout=timeout)
+        remote.pinned = pinned
+        return cls(remote, pinned)
+
     def sign(self, message: bytes) -> str:
-        result = self.remote.sign(message)
+        result = self.signer.sign(message)
         if isinstance(result, ProviderFailure):
             raise SigningUnavailable(result)
         return b64e(result.signature)

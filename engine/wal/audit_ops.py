@@ -252,22 +252,35 @@ def _open_postgres(url: str, chain_id: str | None) -> WalReader:
 
 @dataclass
 class PinnedKeys:
-    """Public keys trusted to sign checkpoints: fingerprint → base64 raw Ed25519 key, and where each came from."""
+    """Public keys trusted to sign checkpoints: fingerprint → base64 key in its stored form (Ed25519 raw,
+    P-256 SubjectPublicKeyInfo DER), and where each came from."""
 
     keys: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    key_ids: dict[str, str] = field(default_factory=dict)  # fingerprint → key id, where known (KMS pins)
 
-    def add(self, public_b64: str, source: str) -> str:
-        from faramesh.engine.wal.signer import fingerprint
+    def add(self, public_b64: str, source: str, key_id: str | None = None) -> str:
+        from faramesh.engine.wal.signer import key_fingerprint, normalise_public_b64
 
-        fp = fingerprint(base64.b64decode(public_b64))
-        self.keys[fp] = public_b64
+        stored = normalise_public_b64(public_b64)
+        fp = key_fingerprint(stored) if stored is not None else None
+        if stored is None or fp is None:
+            raise AuditError(f"{source}: not an Ed25519 or NIST P-256 public key")
+        self.keys[fp] = stored
         self.sources.setdefault(fp, source)
+        if key_id is not None:
+            self.key_ids.setdefault(fp, key_id)
         return fp
 
     def to_list(self) -> list[dict[str, str]]:
-        return [{"fingerprint": fp, "public_key": k, "source": self.sources[fp]} for fp, k in self.keys.items()]
+        out = []
+        for fp, k in self.keys.items():
+            entry = {"fingerprint": fp, "public_key": k, "source": self.sources[fp]}
+            if fp in self.key_ids:
+                entry["key_id"] = self.key_ids[fp]
+            out.append(entry)
+        return out
 
 
 def stack_public_key(paths: StackPaths) -> tuple[str | None, str | None]:
@@ -294,13 +307,16 @@ def stack_public_key(paths: StackPaths) -> tuple[str | None, str | None]:
 
 
 _KEY_LINE = re.compile(r"^(?:ed25519:)?([A-Za-z0-9+/]{42,44}={0,2})$")
+_P256_LINE = re.compile(r"^ecdsa-p256:([A-Za-z0-9+/]+={0,2})$")
 
 
 def parse_key_file(path: Path) -> list[str]:
-    """Public keys in a `--key` file: one per line as `ed25519:BASE64` or bare base64 of the 32 raw
-    bytes (blank lines and `#` comments ignored), or PEM `PUBLIC KEY` blocks."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    """Public keys in a `--key` file, in their stored form: one per line as `ed25519:BASE64` or bare
+    base64 of the 32 raw bytes, or `ecdsa-p256:BASE64` of a P-256 SubjectPublicKeyInfo (blank lines and
+    `#` comments ignored), or PEM `PUBLIC KEY` blocks (Ed25519 or P-256: what `aws kms get-public-key`
+    and Vault Transit give)."""
+    from faramesh.engine.providers.signing import UnsupportedKey, checkpoint_public_b64, spki_from_pem
+    from faramesh.engine.providers.signing import algorithm_of as algorithm_of_der
 
     try:
         text = path.read_text(encoding="utf-8")
@@ -309,17 +325,26 @@ def parse_key_file(path: Path) -> list[str]:
     keys: list[str] = []
     for block in re.findall(r"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", text, re.S):
         try:
-            key = serialization.load_pem_public_key(block.encode())
-        except ValueError as exc:
-            raise AuditError(f"{path}: unreadable PEM public key ({exc})") from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise AuditError(f"{path}: a PEM key that is not Ed25519")
-        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        keys.append(base64.b64encode(raw).decode())
+            der = spki_from_pem(block)
+            keys.append(checkpoint_public_b64(algorithm_of_der(der), der))
+        except UnsupportedKey as exc:
+            raise AuditError(f"{path}: a PEM key this build cannot verify with ({exc})") from None
     text = re.sub(r"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", "", text, flags=re.S)
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
+            continue
+        p256 = _P256_LINE.match(line)
+        if p256:
+            try:
+                der = base64.b64decode(p256.group(1), validate=True)
+                if algorithm_of_der(der) != "ecdsa-p256-sha256":
+                    raise UnsupportedKey("not a P-256 key")
+            except (binascii.Error, ValueError):
+                raise AuditError(
+                    f"{path}:{n}: not a P-256 public key (expected ecdsa-p256:BASE64 of its DER)"
+                ) from None
+            keys.append(base64.b64encode(der).decode())
             continue
         m = _KEY_LINE.match(line)
         try:
@@ -327,7 +352,9 @@ def parse_key_file(path: Path) -> list[str]:
         except (binascii.Error, ValueError):
             raw = b""
         if len(raw) != 32:
-            raise AuditError(f"{path}:{n}: not an Ed25519 public key (expected ed25519:BASE64 of 32 bytes)")
+            raise AuditError(
+                f"{path}:{n}: not a public key (expected ed25519:BASE64 of 32 bytes, ecdsa-p256:BASE64 or PEM)"
+            )
         keys.append(base64.b64encode(raw).decode())
     if not keys:
         raise AuditError(f"{path}: no public key in it")
@@ -335,7 +362,10 @@ def parse_key_file(path: Path) -> list[str]:
 
 
 def pinned_keys(paths: StackPaths | None, key_files: Iterable[Path]) -> PinnedKeys:
-    """This stack's own signing key (public half) plus every `--key FILE`."""
+    """This stack's own signing key (public half), the KMS keys its engine pinned (`<state dir>/
+    checkpoint-keys.json`, written when the engine first fetched each), plus every `--key FILE`."""
+    from faramesh.engine.wal.signer import PINS_FILE, read_pins
+
     pins = PinnedKeys()
     if paths is not None:
         public, problem = stack_public_key(paths)
@@ -343,10 +373,23 @@ def pinned_keys(paths: StackPaths | None, key_files: Iterable[Path]) -> PinnedKe
             pins.add(public, f"this stack's signing key, {paths.signing_key}")
         if problem:
             pins.warnings.append(problem)
+        pins_file = paths.state_dir / PINS_FILE
+        for pin in read_pins(pins_file):
+            pins.add(pin.public_key, f"pinned by the engine from {pin.provider or 'a KMS'} ({pins_file})", pin.key_id)
     for path in key_files:
         for public in parse_key_file(path):
             pins.add(public, str(path))
     return pins
+
+
+def wal_signer_pins(reader: WalReader) -> list[dict[str, Any]]:
+    """The pin the WAL itself names (its meta `signing_key`): shown to the operator, never trusted as an
+    origin pin (whoever rewrites the WAL can rewrite it)."""
+    from faramesh.engine.wal.signer import SignerPin
+
+    meta = getattr(reader, "meta", None)
+    pin = SignerPin.from_json(meta.get("signing_key")) if isinstance(meta, dict) else None
+    return [pin.public()] if pin is not None else []
 
 
 # ---------------------------------------------------------------------------------------- verify
@@ -362,9 +405,12 @@ class WalVerification:
     pinned: bool
     anchor: str | None = None  # for --from > 1: the stored hash of seq from-1 the walk started from
 
+    wal_signer: list[dict[str, Any]] = field(default_factory=list)  # what the WAL meta says signs it
+
     def to_dict(self, pins: PinnedKeys) -> dict[str, Any]:
         return {
             **self.report.to_dict(),
+            "wal_signer": self.wal_signer,
             "wal": self.path,
             "chain_id": self.chain_id,
             "total_records": self.total_records,
@@ -418,7 +464,9 @@ def verify_wal(
         report.offender_seq, report.offender_id, report.offender_kind = after + 1, None, "record"
         report.problem = f"the WAL cannot be read after seq {after}: {walk.error}"
     ranged = (start, min(to_seq, last) if to_seq else last) if (from_seq or to_seq) else None
-    return WalVerification(report, reader.chain_id, str(reader.path), count, ranged, bool(pins.keys), anchor)
+    return WalVerification(
+        report, reader.chain_id, str(reader.path), count, ranged, bool(pins.keys), anchor, wal_signer_pins(reader)
+    )
 
 
 class _Readable:
@@ -815,17 +863,15 @@ def verify_bundle(
         bundle_keys = header.get("public_keys")
         if not isinstance(bundle_keys, list) or not bundle_keys:
             raise AuditError(f"{path} carries no public keys (export it with --include-public-keys, or pin --key)")
-        from faramesh.engine.wal.signer import fingerprint
+        from faramesh.engine.wal.signer import key_fingerprint, normalise_public_b64
 
         for entry in bundle_keys:
             key = entry.get("public_key") if isinstance(entry, dict) else None
-            try:
-                raw = base64.b64decode(str(key), validate=True)
-            except (binascii.Error, ValueError):
-                raw = b""
-            if len(raw) != 32:
-                raise AuditError(f"{path}: a public key in the bundle is not an Ed25519 key")
-            keys.setdefault(fingerprint(raw), str(key))
+            stored = normalise_public_b64(str(key))
+            fp = key_fingerprint(stored) if stored is not None else None
+            if stored is None or fp is None:
+                raise AuditError(f"{path}: a public key in the bundle is not an Ed25519 or P-256 key")
+            keys.setdefault(fp, stored)
         keys_from.append("the bundle itself (--trust-bundle-keys)")
     walker = _BundleRecords(items)
     report = verify_chain(chain_id, walker, checkpoints, pinned_keys=keys, require_signed=require_signed)

@@ -6,8 +6,14 @@ parsed body gives the same bytes); the indexed columns equal the body. Per check
 walk reaches its seq (so the offender reported is the first one in chain order): its head hash equals
 the record hash at its seq, and its signature verifies — against the pinned key with its fingerprint
 when `pinned_keys` is given (a checkpoint signed by any other key is an offender), else against the
-key the checkpoint names (self-consistency only). A checkpoint beyond the last record means records
-were cut from the end of the chain.
+key the checkpoint names (self-consistency only). Keys are Ed25519 (the local signer, Vault Transit) or
+ECDSA P-256 (AWS KMS, Vault Transit). A checkpoint beyond the last record means records were cut from
+the end of the chain.
+
+Signer changes: a `provider_change` record (change `checkpoint_signer`) at seq N hands the chain from
+one key to another. The checkpoint at N should be signed by the old key (the hand-over is then
+countersigned); every checkpoint after N must be signed by the new key, so a key retired by the change
+— typically a local key a host compromise could read — cannot sign history written after it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any, cast
 
 import orjson
 from faramesh.engine.wal.dpr import NonCanonicalArgs, canonical_bytes, genesis_hash
-from faramesh.engine.wal.signer import checkpoint_message, fingerprint, verify_signature
+from faramesh.engine.wal.signer import checkpoint_message, key_fingerprint, verify_checkpoint_signature
 from faramesh.engine.wal.store import Checkpoint, RecordRow, StoredRecord
 
 _INDEXED = ("id", "time", "agent_id", "tool", "effect", "code", "approval_id")
@@ -133,6 +139,9 @@ class VerifyReport:
     signed_through: int = 0
     recovery_signed: list[tuple[int, int]] = field(default_factory=list)  # (from, to) signed late
     keys_used: list[str] = field(default_factory=list)  # fingerprints of the keys that signed
+    key_counts: dict[str, int] = field(default_factory=dict)  # fingerprint → checkpoints it signed
+    signer_changes: list[dict[str, Any]] = field(default_factory=list)  # {seq, from, to, countersigned}
+    dev_records: int = 0  # records tagged `dev` (written by `faramesh dev`, or a stub): odd in a served WAL
     offender_seq: int | None = None
     offender_id: str | None = None
     offender_kind: str | None = None  # record | checkpoint
@@ -163,6 +172,9 @@ class VerifyReport:
             "unsigned_range": list(unsigned) if unsigned else None,
             "recovery_signed": [list(r) for r in self.recovery_signed],
             "keys_used": list(self.keys_used),
+            "key_counts": dict(self.key_counts),
+            "signer_changes": [dict(c) for c in self.signer_changes],
+            "dev_records": self.dev_records,
             "offender": None
             if self.ok
             else {
@@ -205,19 +217,29 @@ def verify_chain(
             pending.append(cp)
     pending.reverse()  # pop() from the end: the next checkpoint in chain order
     report.signed_through = previous_cp
-    keys_used: dict[str, None] = {}
+    keys_used: dict[str, int] = {}
+    # The key every checkpoint must be signed by, once a signer change names one: (seq of the change, key).
+    expected: tuple[int, str] | None = None
+    change_at: dict[int, dict[str, Any]] = {}
 
     def fail(seq: int | None, record_id: str | None, kind: str, problem: str) -> VerifyReport:
         report.records = expected_seq - start_seq  # the walk stops at the first offender: all before it passed
         report.first_seq = start_seq if report.records else None
         report.offender_seq, report.offender_id, report.offender_kind, report.problem = seq, record_id, kind, problem
         report.keys_used = list(keys_used)
+        report.key_counts = dict(keys_used)
         return report
 
     def check_checkpoint(cp: Checkpoint, digest: str) -> str | None:
         nonlocal previous_cp
         if cp.head_hash != digest:
             return f"checkpoint at seq {cp.seq} does not match the chain head there"
+        change = change_at.get(cp.seq)
+        if expected is not None and change is None and cp.key_fingerprint != expected[1]:
+            return (
+                f"checkpoint at seq {cp.seq} is signed by key {cp.key_fingerprint}, but the chain's signer changed "
+                f"to {expected[1]} at seq {expected[0]}"
+            )
         if pinned_keys is not None:
             key = pinned_keys.get(cp.key_fingerprint)
             if key is None:
@@ -227,20 +249,42 @@ def verify_chain(
         else:
             key = cp.public_key
             try:
-                raw = base64.b64decode(key, validate=True)
+                base64.b64decode(key, validate=True)
             except (binascii.Error, ValueError):
                 return f"checkpoint at seq {cp.seq}: its public key is not base64"
-            if fingerprint(raw) != cp.key_fingerprint:
+            if key_fingerprint(key) != cp.key_fingerprint:
                 return f"checkpoint at seq {cp.seq}: its public key does not match its fingerprint"
-        if not verify_signature(key, checkpoint_message(chain_id, cp.seq, cp.head_hash), cp.signature):
+        message = checkpoint_message(chain_id, cp.seq, cp.head_hash)
+        if not verify_checkpoint_signature(cp.key_fingerprint, key, message, cp.signature):
             return f"checkpoint at seq {cp.seq}: signature does not verify"
+        if change is not None:  # the hand-over itself: the old key countersigns, or (old key gone) the new
+            if cp.key_fingerprint not in (change["from"], change["to"]):
+                return (
+                    f"checkpoint at seq {cp.seq} (a signer change from {change['from']} to {change['to']}) is signed "
+                    f"by key {cp.key_fingerprint}"
+                )
+            change["countersigned"] = cp.key_fingerprint == change["from"]
         if cp.kind == "recovery":
             report.recovery_signed.append((max(previous_cp + 1, start_seq), cp.seq))
-        keys_used.setdefault(cp.key_fingerprint)
+        keys_used[cp.key_fingerprint] = keys_used.get(cp.key_fingerprint, 0) + 1
         report.checkpoints += 1
         report.signed_through = cp.seq
         previous_cp = cp.seq
         return None
+
+    def note_change(seq: int, data: dict[str, Any]) -> None:
+        nonlocal expected
+        if data.get("change") != "checkpoint_signer":
+            return
+        old, new = data.get("from"), data.get("to")
+        old_fp = old.get("fingerprint") if isinstance(old, dict) else None
+        new_fp = new.get("fingerprint") if isinstance(new, dict) else None
+        if not isinstance(new_fp, str):
+            return
+        entry = {"seq": seq, "from": old_fp, "to": new_fp, "countersigned": False}
+        change_at[seq] = entry
+        report.signer_changes.append(entry)
+        expected = (seq, new_fp)
 
     # The walk. Per record, one pass: every field the checks read is picked from the body at once and
     # compared with what it must be as one tuple, beside the hash and the canonical-bytes check; only
@@ -300,6 +344,10 @@ def verify_chain(
             if problem is not None:
                 return fail(seq, rid, "record", problem)
             digest = record_hash  # every check passed one by one: a field was absent (read as null)
+        if action_type == "provider_change":
+            note_change(seq, data)
+        if data.get("dev") is True:
+            report.dev_records += 1
         if seq >= next_event:
             while next_cp is not None and next_cp <= seq:
                 cp = pending.pop()
@@ -322,6 +370,7 @@ def verify_chain(
     report.last_seq = expected_seq - 1 if report.records else None
     report.head_hash = prev
     report.keys_used = list(keys_used)
+    report.key_counts = dict(keys_used)
     if pending:
         cp = pending[-1]
         return fail(
