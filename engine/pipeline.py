@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from faramesh.engine.egress import EgressConfigError, EgressPolicy, check_args, compile_egress, without_ports
+from faramesh.engine.identity.base import IdentityResult
 from faramesh.engine.policy.evaluate import DEFER, DENY, PERMIT, Decision, evaluate
 from faramesh.engine.policy.limits import (
     BudgetUsage,
@@ -249,7 +250,11 @@ class EngineState:
         timestamp: str,
         started_ns: int,
         clock_ns: Callable[[], int],
+        identity: IdentityResult | None = None,
     ) -> Verdict:
+        """`identity`: what the engine's verifier (engine/identity/) made of this call; its claims are
+        the only source of `principal.*` — an agent's own `principal` field is never trusted (dev takes
+        it, marked unverified, so principal conditions can be tried without an identity provider)."""
         call_id = fields.get("call_id")
         claimed = fields.get("agent_id")
         raw_tool = fields["tool_id"]
@@ -281,6 +286,16 @@ class EngineState:
             "approver": None,
             "dev": self.dev,
         }
+
+        if identity is not None:
+            base["identity"].update(identity.record)
+            base["identity"]["method"] = identity.method
+            if identity.subject is not None:
+                base["identity"]["subject"] = identity.subject
+        principal: dict[str, Any] = dict(identity.claims) if identity is not None and identity.ok else {}
+        if self.dev and not principal and isinstance(fields.get("principal"), dict):
+            principal = dict(fields["principal"])
+            base["identity"]["principal"] = "unverified (dev: taken from the request)"
 
         def finish(
             decision: Decision, *, digest: str | None, args_bytes: bytes | None, extra: dict[str, Any] | None = None
@@ -334,6 +349,14 @@ class EngineState:
                 digest=None,
                 args_bytes=None,
             )
+        if identity is not None and not identity.ok:  # the verifier could not vouch for the caller: fail closed
+            return finish(
+                Decision(
+                    DENY, identity.code or "IDENTITY_UNAVAILABLE", None, identity.message or "identity not verified"
+                ),
+                digest=None,
+                args_bytes=None,
+            )
         try:
             raw_bytes = canonical_bytes(raw_args)  # once: HMAC, digest and replay copy all derive from it
             raw_hmac = hmac_hex(self.hmac_key, raw_bytes)
@@ -347,7 +370,7 @@ class EngineState:
             "agent_id": agent_id,
             "tool_id": raw_tool,
             "args": raw_args,
-            "principal": fields.get("principal") if isinstance(fields.get("principal"), dict) else {},
+            "principal": principal,
             "time": now,
         }
         decision = evaluate(self.policy, request, self._snapshot)
@@ -630,7 +653,7 @@ def deny_credential(verdict: Verdict, ref: str, provider: str, failure_code: str
 
 
 def _structured_denial(decision: Decision, approval_id: str | None, operator_reason: str | None) -> dict[str, Any]:
-    if decision.code == "RATE_EXCEEDED":
+    if decision.code in ("RATE_EXCEEDED", "IDENTITY_UNAVAILABLE"):
         resolution: dict[str, Any] = {"type": "retry_after"}
     elif decision.code == "BUDGET_EXCEEDED":
         resolution = {"type": "budget_reset", "resets_at": decision.resets_at}

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from faramesh.engine.alerts import AlertConfig, AlertDispatcher, MissingEnvironment, resolve_env_refs
+from faramesh.engine.identity import IdentityVerifier
 from faramesh.engine.paths import StackPaths, stack_paths
 from faramesh.engine.pipeline import EngineState
 from faramesh.engine.policy.model import CompiledPolicy, policy_from_json
 from faramesh.engine.policy.schema import SECRET_PROVIDER_TYPES
 from faramesh.engine.providers.host import ProviderHost
 from faramesh.engine.server import EngineServer, ServerConfig, SigningSetup, SocketSpec, ensure_private_dir
+from faramesh.engine.sinks import SinkDispatcher
 from faramesh.engine.wal.log import Wal, new_ulid
 from faramesh.engine.wal.signer import PINS_FILE, ephemeral_signer, load_or_create_signer
 from faramesh.engine.wal.store import DEFAULT_REPLAY_RETENTION, MemoryStore, SqliteStore, StoreError
@@ -206,6 +208,8 @@ def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = 
         wal_info = {"backend": "sqlite", "path": str(wal_path), "sync": sync}
     store.retention_seconds = _retention(policy)
     alerts = _alerts(policy, dev=False)
+    sinks = _sinks(policy, paths)
+    identity = _identity(policy, dev=False)
     signer = load_or_create_signer(paths.signing_key)
     blocks = engine_providers(policy, paths)
     host = ProviderHost(blocks, os.environ, log=_log) if blocks else None
@@ -224,6 +228,7 @@ def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = 
         # Inline only where a commit is a few microseconds (memory, SQLite without fdatasync). A PostgreSQL
         # commit is a network round trip, and may wait out a reconnect: never on the event loop.
         commit_inline=backend == "memory" or (backend == "sqlite" and sync != "full"),
+        on_commit=sinks.offer_committed if sinks is not None else None,
     )
     state = EngineState(policy, hmac_key=_read_private_key(paths.hmac_key, 32), dev=False)
     sockets = [SocketSpec(Path(str(runtime.get("socket") or paths.operator_socket)), "operator", None, 0o660)]
@@ -243,8 +248,38 @@ def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = 
         return load_installed_policy(source, version)
 
     return EngineServer(
-        policy, wal, state, config, policy_loader=loader, alerts=alerts, providers=host, signing=signing
+        policy,
+        wal,
+        state,
+        config,
+        policy_loader=loader,
+        alerts=alerts,
+        providers=host,
+        signing=signing,
+        sinks=sinks,
+        identity=identity,
     )
+
+
+def _sinks(policy: CompiledPolicy, paths: StackPaths) -> SinkDispatcher | None:
+    """The policy's audit sinks (None when it declares none): a bad block or spool refuses the start."""
+    from faramesh.engine.sinks.errors import SinkConfigError, SinkSpoolError
+
+    try:
+        sinks = SinkDispatcher.from_policy(policy, os.environ, paths.state_dir / "spool", log=_log)
+    except (SinkConfigError, SinkSpoolError) as exc:
+        raise EngineStartError(str(exc)) from None
+    return sinks if sinks.status() else None
+
+
+def _identity(policy: CompiledPolicy, *, dev: bool) -> IdentityVerifier:
+    """The policy's identity verifiers: a block the engine cannot use refuses the start."""
+    from faramesh.engine.identity.base import IdentityConfigError
+
+    try:
+        return IdentityVerifier.from_policy(policy, os.environ, dev=dev)
+    except IdentityConfigError as exc:
+        raise EngineStartError(str(exc)) from None
 
 
 def announce(server: EngineServer, out: IO[str] = sys.stderr) -> None:

@@ -39,6 +39,7 @@ from faramesh import sdnotify
 from faramesh.engine.alerts import AlertConfig, AlertDispatcher
 from faramesh.engine.egress import EgressConfigError, validate_policy
 from faramesh.engine.egress_service import EgressService, egress_blocks
+from faramesh.engine.identity import IdentityVerifier
 from faramesh.engine.pipeline import (
     EngineState,
     Peer,
@@ -68,6 +69,7 @@ from faramesh.engine.providers.protocol import (
     SecretValue,
     parse_secret_ref,
 )
+from faramesh.engine.sinks import SinkDispatcher
 from faramesh.engine.wal.log import Head, Wal, decode_body, new_ulid, rfc3339
 from faramesh.engine.wal.signer import (
     CheckpointKey,
@@ -149,6 +151,8 @@ class EngineServer:
         environ: Mapping[str, str] | None = None,
         providers: ProviderHost | None = None,
         signing: SigningSetup | None = None,
+        sinks: SinkDispatcher | None = None,
+        identity: IdentityVerifier | None = None,
     ) -> None:
         """`alerts`: the dispatcher (default: one configured from the policy and `environ`, which is the
         engine's own environment unless given; a secret it references but that is unset raises
@@ -166,6 +170,10 @@ class EngineServer:
         self.alerts = alerts or AlertDispatcher(
             AlertConfig.from_policy(policy, self.environ, dev=config.dev), log=self._log
         )
+        # Who the caller is, beyond the socket it reached (engine/identity/): a block the engine cannot use
+        # raises IdentityConfigError (a ValueError) here, so the engine does not start.
+        self.identity = identity or IdentityVerifier.from_policy(policy, self.environ, dev=config.dev)
+        self.sinks = sinks  # committed DPRs to the SIEM (engine/sinks/): spooled, off the decision path
         self.policy = policy
         self.wal = wal
         self.state = state
@@ -223,6 +231,7 @@ class EngineServer:
         for problem in self.alerts.check_policy(self.policy):
             self._log(problem)
         await self._ensure_egress(None)
+        self.identity.start()
         try:
             activated = await self._record_policy_activation(
                 "start", self.policy.version, self.wal.meta.get("policy_version")
@@ -307,6 +316,13 @@ class EngineServer:
         applied = self.wal.meta.get("policy_version")
         if applied == self.policy.version and self.wal.meta.get("policy_applied_at"):
             self.applied_at = self.wal.meta["policy_applied_at"]
+        if self.sinks is not None:
+            # Whatever was committed after the sinks last had it safely spooled (a crash between the WAL
+            # commit and the hand-off) is offered again; the sinks de-duplicate by DPR id.
+            after = self.sinks.resume_seq(self.wal.chain_id)
+            if after is not None and after < self.wal.seq:
+                self.sinks.offer_committed(self.wal.chain_id, self.wal.store.records(after + 1))
+            self.sinks.start()
         if self.signing is not None:
             self._settle_signer(self.signing)
         if self.wal.recovery_checkpoint_needed() and not self.wal.write_checkpoint_sync("recovery"):
@@ -599,11 +615,14 @@ class EngineServer:
             await asyncio.wait_for(self._idle.wait(), 10)
         if self.egress is not None:
             await self.egress.close()
+        self.identity.close()
         if self._pin_task is not None:
             self._pin_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pin_task
         await self.wal.close()  # the shutdown checkpoint may still need the KMS: providers close after it
+        if self.sinks is not None:
+            await self.sinks.aclose(5.0)  # what is not delivered stays spooled for the next start
         if self.providers is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.providers.close)
         await self.alerts.close()
@@ -751,9 +770,19 @@ class EngineServer:
         now = self.clock()
         timestamp = rfc3339(now)
         self.state.expire_reservations(now)
+        claimed = message.fields.get("agent_id")
+        who = peer.agent_id if peer.role == "agent" else claimed
+        token = message.fields.get("principal_token")
+        identity = await self.identity.verify(
+            who if isinstance(who, str) else None, peer, token if isinstance(token, str) else None
+        )
+        if self.identity.declared:
+            now = self.clock()  # the verifier may have waited on the network
+            timestamp = rfc3339(now)
         verdict = self.state.govern(
             message.fields,
             peer,
+            identity=identity,
             now=now,
             new_id=lambda: new_ulid(now, self.random_bytes),
             timestamp=timestamp,
@@ -1011,6 +1040,12 @@ class EngineServer:
             alert_config = AlertConfig.from_policy(policy, self.environ, dev=self.config.dev)
         except (EgressConfigError, ValueError) as exc:
             raise _VerbError("RELOAD_REFUSED", f"the running policy stays: {exc}") from None
+        if thaw(policy.identities) != thaw(self.policy.identities):
+            raise _VerbError(
+                "RELOAD_REFUSED",
+                "the running policy stays: its identity blocks changed, and verifiers start with the engine; "
+                "restart it (faramesh apply --stop, then faramesh apply)",
+            )
         if not self.config.dev and thaw(policy.providers) != thaw(self.policy.providers):
             # Provider children (and the checkpoint signer) are started with the engine, from its
             # environment: a changed provider block takes a restart, never a half-swapped provider.
@@ -1134,7 +1169,7 @@ class EngineServer:
             )
         providers = self._provider_rows()
         troubled = [p for p in providers if p["health"] != str(Health.HEALTHY)]
-        degraded = self.wal.failures > 0 or bool(troubled)
+        degraded = self.wal.failures > 0 or bool(troubled) or (self.sinks is not None and self.sinks.degraded)
         last_error = self.wal.last_error
         if last_error is None and troubled:
             row = troubled[0]
@@ -1181,6 +1216,8 @@ class EngineServer:
             },
             "providers": providers,
             "egress_proxy": self.egress.status() if self.egress is not None else None,
+            "identity": self.identity.status(),
+            "sinks": self.sinks.status() if self.sinks is not None else [],
             "budgets": budgets,
             "approvals": {"pending": len(pending), "oldest_age_seconds": oldest},
             "alerts": self.alerts.snapshot(),

@@ -94,11 +94,15 @@ class Wal:
         checkpoint_every: int = CHECKPOINT_EVERY,
         checkpoint_interval: float = CHECKPOINT_INTERVAL_S,
         commit_inline: bool = False,
+        on_commit: Callable[[str, list[StoredRecord]], None] | None = None,
     ) -> None:
         # commit_inline: run the (short, fsync-free) commit on the event-loop thread. Handing a ~30 µs
         # `synchronous=NORMAL` commit to a thread costs more than the commit (GIL hand-offs, wake-ups).
         # With `full`, the fdatasync must not block the loop, so it goes to the writer thread.
         self.commit_inline = commit_inline
+        # Called with (chain id, the records) after each commit: the audit sinks' spool (engine/sinks/),
+        # which never blocks and never raises.
+        self.on_commit = on_commit
         self._commits_since_maintenance = 0
         self._maintenance_backlog = False  # the last maintenance left old request rows to delete
         self.store = store
@@ -420,6 +424,8 @@ class Wal:
             for p, rec in zip(taken, stored, strict=True):
                 if not p.future.done():
                     p.future.set_result(rec)
+            if self.on_commit is not None and stored:
+                self.on_commit(self.chain_id, stored)
             if self.remote_signing:
                 self._maybe_queue()
             if self._commits_since_maintenance >= MAINTENANCE_EVERY:
