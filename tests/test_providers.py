@@ -837,7 +837,9 @@ def test_bad_configuration_is_not_restarted_in_a_loop() -> None:
         rows = {s.name: s for s in host.status()}
         assert all(s.health == Health.DOWN and s.restarts == 0 for s in rows.values())
         assert "needs `role_id` and `secret_id`" in (rows["approle"].last_error or "")
-        assert (rows["gcp"].last_error or "").startswith(FailureCode.UNSUPPORTED)
+        # gcp has a backend now: a block without its key file is a configuration error, not a restart loop
+        assert (rows["gcp"].last_error or "").startswith(FailureCode.CONFIG), rows["gcp"].last_error
+        assert "credentials_file" in (rows["gcp"].last_error or "")
         assert _ok(host.get_secret("approle", "x"), ProviderFailure).code == FailureCode.CONFIG
         assert _ok(host.sign("kms", b"m"), ProviderFailure).code == FailureCode.UNSUPPORTED
 

@@ -107,8 +107,15 @@ PROVIDER_TYPES: dict[str, dict[str, Field]] = {
         **_CREDENTIAL_TTL,
     },
     "aws-secrets-manager": {"region": S, "endpoint_url": URL, "role_arn": S, "secret_prefix": S, **_CREDENTIAL_TTL},
-    "gcp-secret-manager": {"project": S, "credentials_file": S, **_CREDENTIAL_TTL},
-    "azure-key-vault": {"vault_url": URL, "tenant_id": S, "client_id": S, "client_secret": SECRET, **_CREDENTIAL_TTL},
+    "gcp-secret-manager": {"project": S, "credentials_file": S, "endpoint_url": URL, **_CREDENTIAL_TTL},
+    "azure-key-vault": {
+        "vault_url": URL,
+        "tenant_id": S,
+        "client_id": S,
+        "client_secret": SECRET,
+        "authority_host": URL,
+        **_CREDENTIAL_TTL,
+    },
     "kms": {
         "backend": enum("aws-kms", "gcp-kms", "vault-transit", "azure-kv", "local"),
         "key_arn": S,
@@ -125,14 +132,14 @@ PROVIDER_TYPES: dict[str, dict[str, Field]] = {
         "key_file": S,  # backend "local": where the child keeps its Ed25519 key (default: the state dir)
     },
     "splunk-sink": {"url": SECRET_URL, "token": SECRET, "index": S, "source": S, "sourcetype": S, "verify_tls": B},
-    "datadog-sink": {"api_key": SECRET, "site": S, "service": S, "tags": L},
+    "datadog-sink": {"api_key": SECRET, "site": S, "service": S, "tags": L, "url": URL},
     "s3-sink": {"bucket": S, "prefix": S, "region": S, "endpoint_url": URL},
     "webhook-sink": {"url": SECRET_URL, "secret": SECRET, "verify_tls": B},
     "cost": {"url": SECRET_URL, "token": SECRET},
 }
 
 IDENTITY_TYPES: dict[str, dict[str, Field]] = {
-    "spiffe": {"socket": S, "trust_domain": S},
+    "spiffe": {"socket": S, "trust_domain": S, "id_template": S, "audience": S},
     "oidc": {"issuer": URL, "client_id": S, "client_secret": SECRET, "audience": S, "jwks_url": URL},
 }
 

@@ -251,6 +251,8 @@ _MODULES: Final[Mapping[tuple[str, str | None], str]] = {
     ("kms", "aws-kms"): "faramesh.engine.providers.aws",
     ("kms", "vault-transit"): "faramesh.engine.providers.vault",
     ("kms", "local"): "faramesh.engine.providers.local",
+    ("gcp-secret-manager", None): "faramesh.engine.providers.gcp",
+    ("azure-key-vault", None): "faramesh.engine.providers.azure",
 }
 
 
