@@ -343,7 +343,11 @@ def _prepare_copy(stack: Path) -> None:
     text = fms.read_text()
     command = f"/usr/bin/python3 -S {stack / 'supervised_agent.py'} --approval-timeout {AGENT_TIMEOUT:g}"
     edits = [
-        ("runtime {\n", "runtime {\n  os_tier = true\n  immutable_config = true\n"),
+        # The demo signs its audit chain with a local key (no KMS here): say so, as `apply` demands in enforce.
+        (
+            "runtime {\n",
+            "runtime {\n  os_tier = true\n  immutable_config = true\n  signing_warning_acknowledged = true\n",
+        ),
         ('agent "support-bot" {\n', f'agent "support-bot" {{\n  command = "{command}"\n'),
     ]
     for marker, replacement in edits:
