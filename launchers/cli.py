@@ -688,6 +688,18 @@ def _status_once(stack: Path, socket: Path | None, format: Format, *, compact: b
                 f"alerts    {alerts['sent']} sent, {alerts['failed']} failed, {alerts['dropped']} dropped, "
                 f"{alerts['queued']} queued\n"
             )
+        for sink in reply.get("sinks") or []:
+            error = sink.get("last_error") or {}
+            why = f"  last error: {error.get('message')}" if error.get("message") else ""
+            sys.stdout.write(
+                f"sink      {sink.get('name')} ({sink.get('type')}): {sink.get('health')}  "
+                f"{sink.get('delivered', 0)} delivered, {sink.get('spooled', 0)} spooled{why}\n"
+            )
+        for block in reply.get("identity") or []:
+            if block.get("type") in (None, "peercred"):
+                continue
+            why = f"  last error: {block['last_error']}" if block.get("last_error") else ""
+            sys.stdout.write(f"identity  {block.get('name')} ({block.get('type')}): {block.get('health')}{why}\n")
         proxy = reply.get("egress_proxy")
         if proxy:
             refusals = sum(int(a.get("refusals", 0)) for a in (proxy.get("agents") or {}).values())

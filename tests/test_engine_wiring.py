@@ -4,6 +4,8 @@ only from a verified OIDC token — never from what the agent puts in its reques
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,7 +114,12 @@ def test_principal_comes_only_from_a_verified_token(tmp_path: Path, issuer: Issu
             assert expired["effect"] == "DENY", expired
             assert expired["structured_denial"]["code"] in ("IDENTITY_INVALID", "IDENTITY_MISMATCH"), expired
         status = eng.status()
-        assert status is not None and status["identity"], status
+        assert status is not None and status["identity"][0]["type"] == "oidc", status
+        text = subprocess.run(
+            [str(Path(sys.executable).parent / "faramesh"), "status", "--dir", str(eng.stack)],
+            env=eng.env, capture_output=True, text=True, timeout=30,
+        ).stdout
+        assert "identity  corp (oidc): HEALTHY" in text and "sink      siem (splunk-sink): HEALTHY" in text, text
     finally:
         eng.ensure_stopped()
         receiver.stop()
