@@ -582,6 +582,16 @@ def credential_for(policy: CompiledPolicy, verdict: Verdict) -> str | None:
     return agent.credentials.get(decision.rule_ref) if agent is not None else None
 
 
+def credential_route(policy: CompiledPolicy, verdict: Verdict) -> str | None:
+    """The proxy-tier route ("METHOD http://host:port/path Header") of the permit's credential, if its
+    rule delivers through the egress proxy; None for SDK delivery (or no credential)."""
+    decision = verdict.decision
+    if decision is None or decision.rule_ref is None:
+        return None
+    agent = policy.agents.get(str(verdict.record.get("agent_id")))
+    return agent.credential_routes.get(decision.rule_ref) if agent is not None else None
+
+
 def credential_ttl(policy: CompiledPolicy, provider: str) -> int:
     raw = (policy.providers.get(provider) or {}).get("credential_ttl")
     return int(raw) if isinstance(raw, int | float) and raw > 0 else DEFAULT_CREDENTIAL_TTL
@@ -596,6 +606,8 @@ def grant_credential(
     expires_at: str,
     ttl_seconds: int,
     stub: bool = False,
+    route: str | None = None,
+    placeholder: str | None = None,
 ) -> dict[str, Any]:
     """Record a credential issued for this permit; returns the reply's `credential` object without its
     value (the server adds the value after the commit, so it exists only in the reply)."""
@@ -612,8 +624,13 @@ def grant_credential(
     }
     if stub:
         note["stub"] = True
+    if route is not None:
+        # Proxy tier: the agent gets a placeholder; the egress proxy swaps it for the value in the one
+        # request the route names (engine/proxy.py grants), so the agent never holds the secret.
+        note.update({"delivery": "proxy", "advisory": False, "route": route, "placeholder": placeholder})
     verdict.record["credential_ref"] = note
-    reply = {k: note[k] for k in ("ref", "version", "delivery", "advisory", "ttl_seconds", "expires_at")}
+    keys = ("ref", "version", "delivery", "advisory", "ttl_seconds", "expires_at", "route", "placeholder")
+    reply = {k: note[k] for k in keys if k in note}
     if stub:
         reply["stub"] = True
     return reply

@@ -20,6 +20,7 @@ pinned is pinned in the background once it answers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import signal
@@ -45,6 +46,7 @@ from faramesh.engine.pipeline import (
     Peer,
     Verdict,
     credential_for,
+    credential_route,
     credential_ttl,
     deny_credential,
     grant_credential,
@@ -69,6 +71,7 @@ from faramesh.engine.providers.protocol import (
     SecretValue,
     parse_secret_ref,
 )
+from faramesh.engine.proxy_host import ProxyError
 from faramesh.engine.sinks import SinkDispatcher
 from faramesh.engine.wal.log import Head, Wal, decode_body, new_ulid, rfc3339
 from faramesh.engine.wal.signer import (
@@ -793,8 +796,9 @@ class EngineServer:
         secret: SecretValue | None = None
         credential: dict[str, Any] | None = None
         ref_text = credential_for(self.state.policy, verdict)
+        route = credential_route(self.state.policy, verdict) if ref_text is not None else None
         if ref_text is not None:  # step 9: permits only, before the DPR append
-            secret, credential = await self._broker(verdict, ref_text, now, started)
+            secret, credential = await self._broker(verdict, ref_text, now, started, route)
         try:
             stored = await self.wal.append(verdict.record, verdict.args_bytes, verdict.approval_writes)
         except StoreError:
@@ -824,23 +828,52 @@ class EngineServer:
             # After the commit and off the critical path: matched and queued on the loop's next turn, once
             # this reply is on its way; enqueueing never waits (a full queue drops and counts).
             asyncio.get_running_loop().call_soon(self.alerts.decision, agent, verdict.record, verdict.decision)
+        if secret is not None and credential is not None and route is not None and not self.config.dev:
+            # Proxy tier, after the commit: the proxy gets the value for the one request; the agent a placeholder.
+            await self._grant_through_proxy(verdict, credential, secret, route)
+            return {**verdict.reply, "credential": credential}
         if secret is not None and credential is not None:
             # Only now, after the commit: the value exists in this reply and nowhere else.
             return {**verdict.reply, "credential": {**credential, "value": secret.reveal()}}
         return verdict.reply
 
+    async def _grant_through_proxy(
+        self, verdict: Verdict, credential: dict[str, Any], secret: SecretValue, route: str
+    ) -> None:
+        """Hand the proxy the grant. If that fails, the placeholder names no grant and the proxy refuses
+        the request (fail closed); the engine log says why."""
+        method, url, header = route.split(" ")
+        authority, _, path = url[len("http://") :].partition("/")
+        grant = {"placeholder": credential["placeholder"], "host": authority, "method": method, "path": "/" + path,
+                 "header": header, "value": secret.reveal(), "ttl": credential["ttl_seconds"]}  # fmt: skip
+        try:
+            if self.egress is None:
+                raise ProxyError("PROXY_UNAVAILABLE", "no egress proxy runs")
+            await self.egress.proxy.grant(str(verdict.record.get("agent_id")), grant)
+        except (ProxyError, ValueError) as exc:
+            self._log(f"credential {credential.get('ref')} for {verdict.record.get('id')}: not granted ({exc})")
+
     async def _broker(
-        self, verdict: Verdict, ref_text: str, now: float, started: int
+        self, verdict: Verdict, ref_text: str, now: float, started: int, route: str | None = None
     ) -> tuple[SecretValue | None, dict[str, Any] | None]:
         """Fetch the permit's credential; on any failure turn the verdict into DENY CREDENTIAL_UNAVAILABLE."""
         ref = parse_secret_ref(ref_text)  # compiled: always well-formed
         ttl = credential_ttl(self.state.policy, ref.provider)
         expires_at = rfc3339(now + ttl)
+        placeholder = None
+        if route is not None:
+            placeholder = "FARAMESH-CREDENTIAL-" + base64.urlsafe_b64encode(self.random_bytes(18)).decode()
         if self.config.dev:  # DESIGN.md §3: dev stubs every provider
             stub = "STUB-" + self.random_bytes(12).hex()
             reply = grant_credential(verdict, ref_text, ref.provider, None, expires_at=expires_at, ttl_seconds=ttl,
-                                     stub=True)  # fmt: skip
+                                     stub=True, route=route, placeholder=placeholder)  # fmt: skip
             return SecretValue(stub), reply
+        agent_id = str(verdict.record.get("agent_id"))
+        if route is not None and (self.egress is None or agent_id not in self.egress.proxy.rules):
+            # Proxy delivery needs the agent's proxy: without it the secret would have nowhere safe to go.
+            self._log(f"credential {ref_text} for {verdict.record.get('id')}: no egress proxy serves {agent_id}")
+            deny_credential(verdict, ref_text, ref.provider, "PROXY_UNAVAILABLE", (self.clock_ns() - started) // 1000)
+            return None, None
         outcome: SecretResult | ProviderFailure
         if self.providers is None:
             outcome = ProviderFailure(ref.provider, "get_secret", FailureCode.DOWN, "this engine runs no providers")
@@ -862,8 +895,9 @@ class EngineServer:
             deny_credential(verdict, ref_text, ref.provider, str(outcome.code), (self.clock_ns() - started) // 1000)
             return None, None
         reply = grant_credential(
-            verdict, ref_text, ref.provider, outcome.version, expires_at=expires_at, ttl_seconds=ttl
-        )
+            verdict, ref_text, ref.provider, outcome.version, expires_at=expires_at, ttl_seconds=ttl,
+            route=route, placeholder=placeholder,
+        )  # fmt: skip
         return outcome.value, reply
 
     async def _withdraw(self, verdict: Verdict, started: int, had_credential: bool) -> dict[str, Any]:

@@ -78,6 +78,9 @@ class RuleDecl:
     # `credential "vault:stripe#api_key"`: the secret the engine brokers into this rule's permits
     # (providers/protocol.py SecretRef syntax; checked against the declared providers by the compiler).
     credential: str | None = None
+    # `… via "POST http://api.example.com/v1/x [Header]"`: proxy-tier delivery — the egress proxy puts the
+    # secret into that one plain-HTTP request and the agent only ever holds a placeholder.
+    credential_via: str | None = None
 
 
 @dataclass(frozen=True)

@@ -245,6 +245,8 @@ class _Compiler:
             out["origin"] = origin
         if r.credential is not None:
             out["credential"] = self.credential(r)
+            if r.credential_via is not None:
+                out["credential_via"] = credential_route(r.credential_via, r)
         return out
 
     def credential(self, r: RuleDecl) -> str:
@@ -422,6 +424,39 @@ def validate_trust(keys: tuple[TrustKeyDecl, ...]) -> list[dict[str, str]]:
         seen.add(key.publisher)
         out.append({"publisher": key.publisher, "key": key.key})
     return out
+
+
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+
+
+def credential_route(text: str, r: RuleDecl) -> str:
+    """`via "POST http://api.example.com/v1/refunds [Header]"` → the canonical route the engine hands the
+    egress proxy: `METHOD http://host:port/path Header` (Header defaults to Authorization). Plain HTTP only:
+    the proxy cannot put anything into a TLS stream without intercepting it, which it does not do."""
+    parts = text.split()
+    if len(parts) not in (2, 3) or parts[0].upper() not in _METHODS:
+        raise PolicySchemaError(
+            f'via {text!r}: write "METHOD http://host[:port]/path [Header]" (e.g. "POST http://api.example.com/v1/x")',
+            pos=r.pos,
+        )
+    method, url = parts[0].upper(), urlsplit(parts[1])
+    header = parts[2] if len(parts) == 3 else "Authorization"
+    if url.scheme == "https":
+        raise PolicySchemaError(
+            f"via {text!r}: the proxy injects credentials into plain-HTTP requests only (HTTPS would need TLS "
+            "interception); use SDK delivery (no `via`) for an https API",
+            pos=r.pos,
+        )
+    if url.scheme != "http" or not url.hostname or url.query or url.fragment or url.username or url.password:
+        raise PolicySchemaError(f"via {text!r}: an http:// URL with a host and a path, no query", pos=r.pos)
+    if not _HEADER_NAME.fullmatch(header):
+        raise PolicySchemaError(f"via {text!r}: {header!r} is not a header name", pos=r.pos)
+    try:
+        port = url.port or 80
+    except ValueError:
+        raise PolicySchemaError(f"via {text!r}: bad port", pos=r.pos) from None
+    return f"{method} http://{url.hostname.lower()}:{port}{url.path or '/'} {header}"
 
 
 def _unique_credential_refs(rules: list[dict[str, Any]], decls: tuple[RuleDecl, ...]) -> None:

@@ -217,7 +217,7 @@ class _Builder:
     def rule(self, node: Any, ptr: str, parent: SourcePos) -> RuleDecl:
         pos = self.lines.pos(node, parent)
         r = self.mapping(node, f"rule {ptr}", pos)
-        known = ["effect", "tool", "condition", "notify", "reason", "credential"]
+        known = ["effect", "tool", "condition", "notify", "reason", "credential", "credential_via"]
         unknown = set(r) - set(known)
         if unknown:
             bad = sorted(unknown)[0]
@@ -234,7 +234,9 @@ class _Builder:
             if not isinstance(cond, str):
                 raise PolicySchemaError("rule `condition` must be a string in FPL expression syntax", pos=pos)
             parsed = parse_condition(cond, self.file, pos)
-        for key in ("notify", "reason", "credential"):
+        if "credential_via" in r and "credential" not in r:
+            raise PolicySchemaError("rule `credential_via` needs a `credential`", pos=pos)
+        for key in ("notify", "reason", "credential", "credential_via"):
             if key in r and not isinstance(r[key], str):
                 raise PolicySchemaError(f"rule `{key}` must be a string", pos=pos)
         return RuleDecl(
@@ -246,6 +248,7 @@ class _Builder:
             r.get("reason"),
             pos,
             r.get("credential"),
+            r.get("credential_via"),
         )
 
     def agent(self, agent_id: str, node: Any, parent: SourcePos) -> AgentDecl:

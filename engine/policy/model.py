@@ -58,6 +58,7 @@ class Rule:
     reason: str | None = None
     origin: str | None = None  # import alias/path for imported rules
     credential: str | None = None  # `vault:stripe#api_key`: brokered into this rule's permits
+    credential_via: str | None = None  # "POST http://host:port/path Header": delivered by the egress proxy
     predicate: Predicate | None = field(default=None, compare=False, repr=False)
     glob: Any = field(default=None, compare=False, repr=False)
 
@@ -69,7 +70,7 @@ class Rule:
             "condition": thaw(self.condition) if self.condition is not None else None,
             "ref": self.ref,
         }
-        for key in ("notify", "reason", "origin", "credential"):
+        for key in ("notify", "reason", "origin", "credential", "credential_via"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -128,6 +129,7 @@ class Agent:
     has_strict: bool = field(default=False, compare=False, repr=False)
     # rule ref → the secret reference its permits carry (the compiler keeps such refs unique per agent).
     credentials: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    credential_routes: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     candidate_cache: dict[str, tuple[Rule, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,6 +180,7 @@ def build_agent(data: Mapping[str, Any]) -> Agent:
                 reason=r.get("reason"),
                 origin=r.get("origin"),
                 credential=r.get("credential"),
+                credential_via=r.get("credential_via"),
                 predicate=compile_predicate(cond) if cond is not None else None,
                 glob=glob_to_regex(r["tool"]) if "*" in r["tool"] else None,
             )
@@ -213,6 +216,7 @@ def build_agent(data: Mapping[str, Any]) -> Agent:
         needs_time=any(r.condition is not None and uses_time(r.condition) for r in rules),
         has_strict=any(r.strict for r in rules),
         credentials=MappingProxyType({r.ref: r.credential for r in rules if r.credential is not None}),
+        credential_routes=MappingProxyType({r.ref: r.credential_via for r in rules if r.credential_via is not None}),
     )
 
 

@@ -168,8 +168,9 @@ class _ToAst(Transformer[Token, Any]):
     def reason(self, items: list[Token]) -> tuple[str, str]:
         return ("reason", unquote(str(items[0])))
 
-    def credential(self, items: list[Token]) -> tuple[str, str]:
-        return ("credential", unquote(str(items[0])))
+    def credential(self, items: list[Token]) -> tuple[str, tuple[str, str | None]]:
+        via = unquote(str(items[1])) if len(items) > 1 else None
+        return ("credential", (unquote(str(items[0])), via))
 
     @v_args(meta=True)
     def rule(self, meta: Any, items: list[Any]) -> RuleDecl:
@@ -179,6 +180,7 @@ class _ToAst(Transformer[Token, Any]):
         notify: str | None = None
         reason: str | None = None
         credential: str | None = None
+        credential_via: str | None = None
         rest = items[2:]
         if rest and isinstance(rest[0], Token) and rest[0].type == "COND_KW":
             condition = _as_cond(rest[1])
@@ -189,7 +191,7 @@ class _ToAst(Transformer[Token, Any]):
             elif kind == "credential":
                 if credential is not None:
                     raise PolicySyntaxError("a rule names at most one `credential`", pos=_pos(self.file, meta))
-                credential = text
+                credential, credential_via = text
             else:
                 reason = text
         strict = effect_tok == "deny!"
@@ -202,6 +204,7 @@ class _ToAst(Transformer[Token, Any]):
             reason,
             _pos(self.file, meta),
             credential,
+            credential_via,
         )
 
     def rules_block(self, items: list[RuleDecl]) -> tuple[str, tuple[RuleDecl, ...]]:
@@ -349,7 +352,7 @@ def _describe_expected(expected: set[str]) -> str:
 KEYWORDS = (
     "import", "runtime", "provider", "identity", "trust", "agent", "default", "rules", "framework",
     "rate_limit", "budget", "redact", "egress", "model_policy", "session", "alert", "permit", "defer",
-    "deny", "notify", "reason", "credential", "command", "when", "matches", "contains",
+    "deny", "notify", "reason", "credential", "via", "command", "when", "matches", "contains",
 )  # fmt: skip
 _WORD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
