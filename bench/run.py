@@ -1,13 +1,16 @@
-"""`make bench`: five sections, in this order, each comparing against a baseline measured in the same run.
+"""`make bench`: six sections, in this order, each comparing against a baseline measured in the same run.
 
 1. Decision latency: Faramesh's `evaluate` beside Cedar (cedarpy); what is timed is described below.
 2. The engine end to end (bench/engine_bench.py): fdatasync, echo floor, `faramesh serve` with the
    SQLite WAL at both sync levels, `audit verify` speed.
-3. Sandbox launch latency (bench/launch_bench.py): `/bin/true` under profile `full` beside bwrap and
+3. Checkpoint signing (bench/kms_bench.py): `faramesh serve` with wal_sync = "full", checkpoints signed
+   through a moto_server KMS beside the local key, with and without `signing_required` (decisions/s,
+   p50/p99, permits alone); the KMS rows are skipped, not failed, when moto is not installed.
+4. Sandbox launch latency (bench/launch_bench.py): `/bin/true` under profile `full` beside bwrap and
    firejail (needs root).
-4. The egress proxy (bench/proxy_bench.py): engine/proxy.py's child beside a direct loopback connection
+5. The egress proxy (bench/proxy_bench.py): engine/proxy.py's child beside a direct loopback connection
    (and tinyproxy when it is installed): round trip, new connection, streaming MB/s, plain-HTTP GET.
-5. systemd exposure (bench/systemd_security.py): `systemd-analyze security --offline=true` scores of
+6. systemd exposure (bench/systemd_security.py): `systemd-analyze security --offline=true` scores of
    the engine and supervisor units against their goals (deterministic, not a timing).
 The exit status is 1 when any section that ran missed a goal or could not measure.
 
@@ -15,10 +18,11 @@ The exit status is 1 when any section that ran missed a goal or could not measur
     .venv/bin/python bench/run.py --quick          # a smoke run of every section: short windows
     .venv/bin/python bench/run.py --profile        # also cProfile Faramesh (seed, 1,000 rules)
     .venv/bin/python bench/run.py --engine-only    # one section only; several --*-only flags
-    .venv/bin/python bench/run.py --launch-only    #   run those sections (the decision table
-    .venv/bin/python bench/run.py --proxy-only     #   runs only when no --*-only flag is given)
+    .venv/bin/python bench/run.py --kms-only       #   run those sections (the decision table
+    .venv/bin/python bench/run.py --launch-only    #   runs only when no --*-only flag is given)
+    .venv/bin/python bench/run.py --proxy-only
     .venv/bin/python bench/run.py --systemd-only
-    .venv/bin/python bench/run.py --no-engine      # skip a section: --no-engine, --no-launch,
+    .venv/bin/python bench/run.py --no-engine      # skip a section: --no-engine, --no-kms, --no-launch,
     .venv/bin/python bench/run.py --no-proxy       #   --no-proxy, --no-systemd (combinable)
 
 Decision latency, what is timed per call with time.perf_counter_ns:
@@ -378,7 +382,7 @@ def report(
     return "\n".join(out)
 
 
-SECTIONS = ("engine", "launch", "proxy", "systemd")  # after the decision table, in this order
+SECTIONS = ("engine", "kms", "launch", "proxy", "systemd")  # after the decision table, in this order
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-engine", action="store_true", help="skip the end-to-end engine section")
     ap.add_argument("--engine-only", action="store_true", help="only the end-to-end engine section")
+    ap.add_argument("--kms-only", action="store_true", help="only the checkpoint-signing (KMS) section")
+    ap.add_argument("--no-kms", action="store_true", help="skip the checkpoint-signing (KMS) section")
     ap.add_argument("--launch-only", action="store_true", help="only the sandbox launch-latency section")
     ap.add_argument("--no-launch", action="store_true", help="skip the sandbox launch-latency section")
     ap.add_argument("--proxy-only", action="store_true", help="only the egress proxy section")
@@ -400,7 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     clash = [name for name in only if getattr(opts, f"no_{name}")]
     if clash:
         ap.error(f"--{clash[0]}-only and --no-{clash[0]} contradict each other")
-    runners = {"engine": engine_section, "launch": launch_section, "proxy": proxy_section, "systemd": systemd_section}
+    runners = {
+        "engine": engine_section,
+        "kms": kms_section,
+        "launch": launch_section,
+        "proxy": proxy_section,
+        "systemd": systemd_section,
+    }
     if only:
         selected = only
         ok = True
@@ -426,6 +438,14 @@ def engine_section(quick: bool) -> int:
     from engine_bench import run_all
 
     text, ok = run_all(quick)
+    print(text, flush=True)
+    return 0 if ok else 1
+
+
+def kms_section(quick: bool) -> int:
+    from kms_bench import run_all as run_kms
+
+    text, ok = run_kms(quick)
     print(text, flush=True)
     return 0 if ok else 1
 
