@@ -1203,12 +1203,21 @@ class EngineServer:
             )
         providers = self._provider_rows()
         troubled = [p for p in providers if p["health"] != str(Health.HEALTHY)]
-        degraded = self.wal.failures > 0 or bool(troubled) or (self.sinks is not None and self.sinks.degraded)
+        identity_down = [i for i in self.identity.status() if i.get("health") not in (None, "HEALTHY")]
+        degraded = (
+            self.wal.failures > 0
+            or bool(troubled)
+            or bool(identity_down)
+            or (self.sinks is not None and self.sinks.degraded)
+        )
         last_error = self.wal.last_error
         if last_error is None and troubled:
             row = troubled[0]
             last_error = f'provider "{row["name"]}" {row["health"]}: {row["last_error"] or "no answer yet"}'
-        budgets = []
+        if last_error is None and identity_down:
+            row = identity_down[0]
+            last_error = f'identity "{row.get("name")}" {row.get("health")}: {row.get("last_error") or "no answer yet"}'
+        budgets: list[dict[str, Any]] = []
         for (agent_id, name), usage in sorted(self.state.budgets.items()):
             budget = (
                 next((b for b in self.policy.agents[agent_id].budgets if b.name == name), None)

@@ -291,13 +291,16 @@ def apply(
     from faramesh.sandbox.errors import SandboxError
     from faramesh.supervisor import systemd_units
     from faramesh.supervisor.service_user import (
+        AWS_ENV,
         ServiceUserError,
         ensure_service_user,
         env_file_values,
+        optional_env_values,
         prepare_engine_dirs,
         read_env_file,
         render_env_file,
         secret_references,
+        uses_aws,
     )
     from faramesh.supervisor.supervisor import install_agent_specs, start_engine, start_supervisor
 
@@ -343,7 +346,10 @@ def apply(
         return EXIT_RUNTIME
     env_file = paths.env_file()
     names = secret_references(json.loads(policy.to_json()))
-    env_values, unset = env_file_values(names, os.environ, read_env_file(env_file))
+    previous_env = read_env_file(env_file)
+    env_values, unset = env_file_values(names, os.environ, previous_env)
+    if uses_aws(policy.providers):
+        env_values.update(optional_env_values(AWS_ENV, os.environ, previous_env))
     if unset:
         _err(
             f"the policy references {', '.join('$' + n for n in unset)}, set neither in this environment nor in"
@@ -386,7 +392,7 @@ def apply(
         if _differs(paths.policy_copy, policy.to_json()):
             write_private(paths.policy_copy, policy.to_json(), 0o640)
         os.chown(paths.policy_copy, 0, service.gid)  # the engine reads it through its group; root writes
-        if (names or env_file.exists()) and _differs(env_file, env_text):
+        if (env_values or env_file.exists()) and _differs(env_file, env_text):
             env_file.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
             write_private(env_file, env_text, 0o600)
         install_agent_specs(stack, files, plans)
@@ -556,6 +562,17 @@ def _wait_unlocked(path: Path, timeout: float) -> bool:
     return True
 
 
+def _wait_gone(pid: int, timeout: float) -> bool:
+    from faramesh.supervisor.layout import is_zombie_or_gone
+
+    deadline = time.monotonic() + timeout
+    while not is_zombie_or_gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def _signal(pid: int, signum: int) -> None:
     if pid > 1:
         with contextlib.suppress(ProcessLookupError):
@@ -600,6 +617,9 @@ def stop(stack: Path) -> int:
             deadline = time.monotonic() + 2.0
             while not is_zombie_or_gone(zygote) and time.monotonic() < deadline:
                 time.sleep(0.02)
+        if not _wait_gone(sup, STOP_GRACE + 5):
+            _signal(sup, signal.SIGKILL)
+            _wait_gone(sup, 5)
         stopped.append(f"supervisor (pid {sup})")
     orphans = _sweep_stack(paths, files)
     if orphans:
@@ -611,6 +631,11 @@ def stop(stack: Path) -> int:
             _err(f"the engine (pid {eng}) did not drain within {STOP_TIMEOUT:.0f}s: killed")
             _signal(eng, signal.SIGKILL)
             _wait_unlocked(paths.lock_file, 5)
+        # The lock is released as the engine finishes; the process itself is gone a moment later:
+        # `--stop` returns only once nothing of the stack runs.
+        if not _wait_gone(eng, STOP_TIMEOUT):
+            _signal(eng, signal.SIGKILL)
+            _wait_gone(eng, 5)
         stopped.append(f"engine (pid {eng})")
     for path in (paths.operator_socket, files.pid_file, files.state_file):
         with contextlib.suppress(FileNotFoundError):

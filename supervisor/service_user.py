@@ -31,6 +31,7 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from faramesh.engine.paths import OPERATORS_GROUP, SERVICE_USER, StackPaths, agent_dir_name
 
@@ -226,6 +227,28 @@ def secret_references(policy_json: object) -> list[str]:
         elif isinstance(node, list):
             stack.extend(node)
     return sorted(found)
+
+
+# Ambient credentials the AWS SDK reads from the environment (engine/providers/host.py passes them to the
+# AWS children over their socket). Carried into the env file when the policy uses AWS and `apply` has
+# them — optional, since an instance role is legitimate — so an applied engine has what the operator had.
+AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+           "AWS_EC2_METADATA_DISABLED", "AWS_ENDPOINT_URL", "AWS_CA_BUNDLE")  # fmt: skip
+_AWS_TYPES = frozenset({"aws-secrets-manager", "s3-sink", "s3"})
+
+
+def uses_aws(providers: Mapping[str, Mapping[str, Any]]) -> bool:
+    return any(
+        p.get("type") in _AWS_TYPES or (p.get("type") == "kms" and p.get("backend") == "aws-kms")
+        for p in providers.values()
+    )
+
+
+def optional_env_values(
+    names: Iterable[str], environ: Mapping[str, str], previous: Mapping[str, str]
+) -> dict[str, str]:
+    """Like env_file_values, but a name set nowhere is simply left out."""
+    return {n: environ.get(n) or previous[n] for n in names if environ.get(n) or previous.get(n)}
 
 
 def env_file_values(names: Iterable[str], environ: Mapping[str, str], previous: Mapping[str, str]) -> tuple[
