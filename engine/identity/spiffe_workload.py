@@ -24,6 +24,7 @@ denials after that, never to decisions on identities nobody vouches for any more
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from collections.abc import Callable, Mapping
@@ -261,9 +262,11 @@ class SpiffeVerifier:
         snap = await self._current()
         if snap is None:
             why = self._last_error or f"no answer within {self.config.timeout:g}s"
-            return self._fail(
-                IDENTITY_UNAVAILABLE, "workload_api_unavailable", f"cannot bind {expected}: {why}", expected
-            )
+            # The agent reads this message: it names no socket path or gRPC detail (those go to the DPR
+            # and the engine's status, where the operator looks).
+            result = self._fail(IDENTITY_UNAVAILABLE, "workload_api_unavailable", "the Workload API did not answer",
+                                expected)  # fmt: skip
+            return dataclasses.replace(result, record={**result.record, "error": why[:300]})
         now = self._clock()
         info = snap.verified.get(expected)
         if info is None:
