@@ -1,5 +1,6 @@
-"""Local HTTP doubles of Google Cloud Secret Manager and Azure Key Vault (with Microsoft Entra ID's token
-endpoints), served over TLS on 127.0.0.1 for tests/test_providers_cloud.py.
+"""Local HTTP doubles of Google Cloud Secret Manager, Google Cloud KMS and Azure Key Vault (secrets and keys,
+with Microsoft Entra ID's token endpoints), served over TLS on 127.0.0.1 for tests/test_providers_cloud.py
+and tests/test_kms_cloud.py.
 
 Neither service has a local server, so these stand in for them. They are strict on purpose: every request
 is checked against the shape the official client libraries produce — method, path, query string, auth
@@ -16,6 +17,11 @@ What the doubles verify beyond shape:
 - Azure: the OAuth2 client-credentials request (client id, client secret, scope, grant type) against
   the registration the test made; Key Vault's 401 challenge on an unauthenticated request, as the real
   service does; a token this double issued for the Key Vault scope on every authenticated request.
+- Signing (Cloud KMS asymmetricSign, Key Vault keys/sign): the double holds a real private key per key
+  version (P-256 unless a test gives it another), signs the digest the client sent with it, and returns
+  the signature in the service's form (Cloud KMS: ASN.1 DER with its CRC32C, after checking the digest's
+  CRC32C; Key Vault: JWS r||s). The public key goes out as the service hands it out (Cloud KMS: PEM with
+  its CRC32C; Key Vault: a JSON Web Key), so a test verifies a signature against a key it did not make.
 
 Nothing here imports an SDK: the tests' own process stays as free of them as the engine.
 """
@@ -43,7 +49,8 @@ from typing import Any, Final, Self
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # What the doubles expect, written from the services' REST references and checked against the
@@ -57,12 +64,30 @@ CONTRACT: Final[dict[str, Any]] = {
         "scope": "https://www.googleapis.com/auth/cloud-platform",
         "jwt_bearer_grant": "urn:ietf:params:oauth:grant-type:jwt-bearer",
     },
+    "gcp-kms": {
+        "sign": "POST /v1/{name}:asymmetricSign",
+        "public_key": "GET /v1/{name}/publicKey",
+        "sign_body": ("digest.sha256", "digestCrc32c"),  # what the provider sends: a digest and its CRC32C
+        "alt": ("$alt", "json;enum-encoding=int"),
+        "routing_header": ("x-goog-request-params", "name={name}"),
+        # CryptoKeyVersionAlgorithm and CryptoKeyVersionState as numbers (the REST transport's enums)
+        "algorithms": {"EC_SIGN_P256_SHA256": 12, "EC_SIGN_ED25519": 40, "RSA_SIGN_PSS_2048_SHA256": 2},
+        "protection_software": 1,
+    },
     "azure": {
         "get": "GET /secrets/{name}/{version}",
         "list": "GET /secrets",
         "accept": "application/json",
         "scope": "https://vault.azure.net/.default",
         "resource": "https://vault.azure.net",
+    },
+    "azure-keys": {
+        "get": "GET /keys/{name}/{version}",
+        "sign": "POST /keys/{name}/{version}/sign",
+        "sign_body": ("alg", "value"),
+        "es256": "ES256",
+        "content_type": "application/json",
+        "user_agent": "azsdk-python-keyvault-keys/",
     },
 }
 JWT_MAX_LIFETIME: Final = 3600
@@ -75,6 +100,16 @@ def b64url(data: bytes) -> str:
 
 def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def b64url_decode_strict(text: str) -> bytes | None:
+    """Base64url without padding, as JWS and Key Vault write it; None for anything else."""
+    if not isinstance(text, str) or "=" in text or not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+        return None
+    try:
+        return b64url_decode(text)
+    except ValueError:
+        return None
 
 
 def crc32c_bitwise(data: bytes) -> int:
@@ -406,6 +441,8 @@ def verify_jwt(token: str, account: ServiceAccount, now: float) -> tuple[dict[st
 class GcpDouble(Double):
     """Secret Manager's REST API for one project, and an OAuth2 token endpoint at `/token`."""
 
+    api_audience = "https://secretmanager.googleapis.com/"  # a self-signed JWT's `aud` without scopes
+
     def __init__(self, tls: Tls, project: str, account: ServiceAccount, *, clock: Callable[[], float] = time.time):
         super().__init__(tls)
         self.project = project
@@ -477,7 +514,7 @@ class GcpDouble(Double):
             return why
         # A self-signed JWT carries the scope (or the API's audience) instead of going to the token endpoint.
         scopes = str(claims.get("scope", "")).split()
-        if CONTRACT["gcp"]["scope"] not in scopes and claims.get("aud") != "https://secretmanager.googleapis.com/":
+        if CONTRACT["gcp"]["scope"] not in scopes and claims.get("aud") != self.api_audience:
             return "self-signed JWT without the cloud-platform scope"
         with self._lock:
             self.auth_kinds.append("self-signed-jwt")
@@ -594,6 +631,204 @@ class GcpDouble(Double):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Keys the signing doubles hold
+
+
+SigningKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+
+
+def public_der(key: SigningKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_pem(key: SigningKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode("ascii")
+    )
+
+
+def is_p256(key: SigningKey) -> bool:
+    return isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
+
+
+def sign_digest_p256(key: SigningKey, digest: bytes) -> bytes:
+    """ECDSA over an already computed SHA-256 digest, as a KMS does: ASN.1 DER."""
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Google Cloud KMS
+
+_KMS_PATH: Final = re.compile(
+    r"^/v1/(?P<name>projects/(?P<project>[^/]+)/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+"
+    r"/cryptoKeyVersions/[^/:]+)(?P<op>:asymmetricSign|/publicKey)$"
+)
+
+
+@dataclass
+class KmsKeyVersion:
+    private_key: SigningKey
+    algorithm: str = "EC_SIGN_P256_SHA256"  # a CryptoKeyVersionAlgorithm name (CONTRACT["gcp-kms"]["algorithms"])
+    state: str = "ENABLED"
+
+
+class GcpKmsDouble(GcpDouble):
+    """Cloud KMS's REST API (getPublicKey, asymmetricSign) for the key versions of one project, with the same
+    OAuth2 token endpoint and bearer-token checks as the Secret Manager double."""
+
+    api_audience = "https://cloudkms.googleapis.com/"
+
+    def __init__(
+        self,
+        tls: Tls,
+        project: str,
+        account: ServiceAccount,
+        *,
+        location: str = "global",
+        key_ring: str = "faramesh",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(tls, project, account, clock=clock)
+        self.location = location
+        self.key_ring = key_ring
+        self.keys: dict[str, KmsKeyVersion] = {}  # key version resource name → its key
+        self.denied_keys: set[str] = set()  # key version names the account may not use
+        self.corrupt_signatures: set[str] = set()  # key version names whose signature CRC32C is sent wrong
+        self.signed: list[tuple[str, bytes]] = []  # (key version, digest) of every signature made
+
+    def key_name(self, key: str, version: int = 1) -> str:
+        return (
+            f"projects/{self.project}/locations/{self.location}/keyRings/{self.key_ring}/cryptoKeys/{key}"
+            f"/cryptoKeyVersions/{version}"
+        )
+
+    def add_key(
+        self, key: str, version: int = 1, private_key: SigningKey | None = None, algorithm: str = "EC_SIGN_P256_SHA256"
+    ) -> str:
+        name = self.key_name(key, version)
+        with self._lock:
+            self.keys[name] = KmsKeyVersion(private_key or ec.generate_private_key(ec.SECP256R1()), algorithm)
+        return name
+
+    def route(self, request: Request) -> Reply:
+        if request.path == "/token":
+            return self._token(request)
+        m = _KMS_PATH.match(request.path)
+        sign = m is not None and m.group("op") == ":asymmetricSign"
+        if m is None or request.method != ("POST" if sign else "GET"):
+            return self._error(
+                request, 404, "NOT_FOUND", "The requested URL was not found on this server.", "path", shape=True
+            )
+        why = self._authenticate(request)
+        if why is not None:
+            return self._error(
+                request,
+                401,
+                "UNAUTHENTICATED",
+                "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or "
+                "other valid authentication credential.",
+                why,
+            )
+        name, project = m.group("name"), m.group("project")
+        routing = CONTRACT["gcp-kms"]["routing_header"]
+        problems = shape_problems(
+            request,
+            query=[CONTRACT["gcp-kms"]["alt"]],
+            headers={
+                routing[0]: lambda v: v == routing[1].format(name=name),
+                "x-goog-api-client": lambda v: v is not None and "gapic/" in v and "gl-python/" in v,
+                "content-type": lambda v: v == "application/json",
+            },
+        )
+        digest = None
+        if sign:
+            digest, problem = self._sign_body(request)
+            problems += [problem] if problem else []
+        if problems:
+            return self._error(request, 400, "INVALID_ARGUMENT", "Invalid request.", "; ".join(problems), shape=True)
+        permission = "useToSign" if sign else "viewPublicKey"
+        with self._lock:
+            key = self.keys.get(name)
+            denied = name in self.denied_keys
+        if project not in (self.project, self.project_number) or denied:
+            return self._error(
+                request,
+                403,
+                "PERMISSION_DENIED",
+                f"Permission 'cloudkms.cryptoKeyVersions.{permission}' denied on resource '{name}' (or it may not "
+                "exist).",
+                "key denied",
+            )
+        if key is None:
+            return self._error(request, 404, "NOT_FOUND", f"{name} not found.", "unknown key version")
+        if key.state != "ENABLED":
+            return self._error(
+                request,
+                400,
+                "FAILED_PRECONDITION",
+                f"{name} is not enabled, current state is: {key.state}.",
+                "key version not enabled",
+            )
+        if digest is None:
+            pem = public_pem(key.private_key)
+            return Reply(
+                200,
+                {
+                    "pem": pem,
+                    "algorithm": CONTRACT["gcp-kms"]["algorithms"][key.algorithm],
+                    "pemCrc32c": str(crc32c_bitwise(pem.encode())),
+                    "name": name,
+                    "protectionLevel": CONTRACT["gcp-kms"]["protection_software"],
+                },
+            )
+        if not is_p256(key.private_key) or key.algorithm != "EC_SIGN_P256_SHA256":
+            return self._error(
+                request, 400, "INVALID_ARGUMENT", f"Digest type SHA256 is not valid for {key.algorithm}.", "algorithm"
+            )
+        signature = sign_digest_p256(key.private_key, digest)
+        with self._lock:
+            self.signed.append((name, digest))
+            corrupt = name in self.corrupt_signatures
+        return Reply(
+            200,
+            {
+                "signature": base64.b64encode(signature).decode("ascii"),
+                "signatureCrc32c": str(crc32c_bitwise(signature) ^ (1 if corrupt else 0)),
+                "verifiedDigestCrc32c": True,
+                "name": name,
+                "protectionLevel": CONTRACT["gcp-kms"]["protection_software"],
+            },
+        )
+
+    @staticmethod
+    def _sign_body(request: Request) -> tuple[bytes | None, str | None]:
+        """(the digest, None) for the body the provider's requests carry; (None, why) otherwise."""
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            return None, "the body is not JSON"
+        if not isinstance(body, dict) or set(body) != {"digest", "digestCrc32c"}:
+            keys = sorted(body) if isinstance(body, dict) else type(body).__name__
+            return None, f"body fields {keys} are not a digest and its CRC32C"
+        digest_field, checksum = body["digest"], body["digestCrc32c"]
+        if not isinstance(digest_field, dict) or set(digest_field) != {"sha256"}:
+            return None, "the digest is not a SHA-256 digest"
+        try:
+            digest = base64.b64decode(digest_field["sha256"], validate=True)
+        except (ValueError, TypeError):
+            return None, "the digest is not base64"
+        if len(digest) != 32:
+            return None, f"a {len(digest)}-byte SHA-256 digest"
+        # int64 travels as a JSON string (proto3 JSON mapping)
+        if not isinstance(checksum, str) or not checksum.isdigit() or int(checksum) != crc32c_bitwise(digest):
+            return None, "digestCrc32c does not match the digest"
+        return digest, None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Azure Key Vault and Microsoft Entra ID
 
 
@@ -602,17 +837,37 @@ class AzureSecret:
     versions: list[tuple[str, str, str | None]]  # (version id, value, content type), oldest first
 
 
+@dataclass
+class AzureKey:
+    versions: list[tuple[str, SigningKey]]  # (version id, private key), oldest first
+    enabled: bool = True
+    ops: tuple[str, ...] = ("sign", "verify")
+
+
 class AzureDouble(Double):
     """One Key Vault at `/` and one Entra ID tenant at `/<tenant>/…` (the OpenID configuration and the v2.0
     token endpoint), knowing one app registration."""
 
-    def __init__(self, tls: Tls, *, tenant_id: str, client_id: str, client_secret: str, api_versions: set[str]):
+    def __init__(
+        self,
+        tls: Tls,
+        *,
+        tenant_id: str,
+        client_id: str,
+        client_secret: str,
+        api_versions: set[str],
+        key_api_versions: set[str] | None = None,
+    ):
         super().__init__(tls)
         self.tenant_id = tenant_id
         self.client_id = client_id
         self.client_secret = client_secret
         self.api_versions = api_versions
+        self.key_api_versions = key_api_versions if key_api_versions is not None else api_versions
         self.secrets: dict[str, AzureSecret] = {}
+        self.keys: dict[str, AzureKey] = {}
+        self.forbidden_keys: set[str] = set()
+        self.signed: list[tuple[str, str, bytes]] = []  # (key name, version, digest) of every signature made
         self.forbidden: set[str] = set()
         self.may_list = False
         self.issued: dict[str, str] = {}  # access token → scope
@@ -624,6 +879,18 @@ class AzureDouble(Double):
         self.secrets.setdefault(name, AzureSecret([])).versions.append((version, value, content_type))
         return version
 
+    def add_key(self, name: str, private_key: SigningKey | None = None) -> str:
+        """A new version of key `name` (P-256 unless given another key); its version id."""
+        version = secrets.token_hex(16)
+        with self._lock:
+            entry = self.keys.setdefault(name, AzureKey([]))
+            entry.versions.append((version, private_key or ec.generate_private_key(ec.SECP256R1())))
+        return version
+
+    def key_of(self, name: str, version: str) -> SigningKey:
+        with self._lock:
+            return next(k for v, k in self.keys[name].versions if v == version)
+
     @property
     def challenge(self) -> str:
         # The shape Key Vault sends; the client takes the tenant from `authorization` and the token scope
@@ -634,6 +901,8 @@ class AzureDouble(Double):
         path = request.path
         if path == "/secrets" or path.startswith("/secrets/"):
             return self._vault(request)
+        if path.startswith("/keys/"):
+            return self._keys(request)
         parts = path.strip("/").split("/")
         if len(parts) >= 2 and parts[1:] == ["v2.0", ".well-known", "openid-configuration"]:
             return self._discovery(request, parts[0])
@@ -768,29 +1037,9 @@ class AzureDouble(Double):
         )
         if problems:
             return self._kv_error(request, 400, "BadParameter", "Invalid request.", "; ".join(problems), shape=True)
-        authorization = request.header("authorization")
-        if authorization is None:
-            # The first request of a client that has not seen this vault: no token, no body; Key Vault
-            # answers with the challenge that says which tenant and resource the token must be for. Part
-            # of the protocol, so counted, not rejected.
-            with self._lock:
-                self.challenges += 1
-            missing = {
-                "error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}
-            }
-            return Reply(401, missing, {"WWW-Authenticate": self.challenge})
-        token = authorization.removeprefix("Bearer ") if authorization.startswith("Bearer ") else None
-        with self._lock:
-            scope = self.issued.get(token or "")
-        if scope != CONTRACT["azure"]["scope"]:
-            return self._kv_error(
-                request,
-                401,
-                "Unauthorized",
-                "AKV10022: Invalid audience.",
-                "token not issued by this double for Key Vault",
-                headers={"WWW-Authenticate": self.challenge},
-            )
+        refused = self._kv_authorize(request)
+        if refused is not None:
+            return refused
         if listing:
             if not self.may_list:
                 return self._forbidden(request, "list")
@@ -825,6 +1074,170 @@ class AzureDouble(Double):
         if found[2] is not None:
             body["contentType"] = found[2]
         return Reply(200, body)
+
+    def _kv_authorize(self, request: Request) -> Reply | None:
+        """None when the request carries a token this double issued for Key Vault, else the answer."""
+        authorization = request.header("authorization")
+        if authorization is None:
+            # The first request of a client that has not seen this vault: no token, no body; Key Vault
+            # answers with the challenge that says which tenant and resource the token must be for. Part
+            # of the protocol, so counted, not rejected.
+            with self._lock:
+                self.challenges += 1
+            missing = {
+                "error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}
+            }
+            return Reply(401, missing, {"WWW-Authenticate": self.challenge})
+        token = authorization.removeprefix("Bearer ") if authorization.startswith("Bearer ") else None
+        with self._lock:
+            scope = self.issued.get(token or "")
+        if scope != CONTRACT["azure"]["scope"]:
+            return self._kv_error(
+                request,
+                401,
+                "Unauthorized",
+                "AKV10022: Invalid audience.",
+                "token not issued by this double for Key Vault",
+                headers={"WWW-Authenticate": self.challenge},
+            )
+        return None
+
+    def _keys(self, request: Request) -> Reply:
+        parts = request.path.split("/")  # "", "keys", name, version ("" for the current)[, "sign"]
+        get = request.method == "GET" and len(parts) == 4
+        sign = request.method == "POST" and len(parts) == 5 and parts[4] == "sign"
+        if not get and not sign:
+            return self._kv_error(request, 404, "NotFound", "The requested resource was not found.", "path", shape=True)
+        name, version = parts[2], parts[3]
+        if not _KV_NAME.match(name):
+            return self._kv_error(request, 400, "BadParameter", "Invalid key name.", "key name", shape=True)
+        api_version = [v for k, v in request.query if k == "api-version"]
+        if len(api_version) != 1 or api_version[0] not in self.key_api_versions:
+            return self._kv_error(
+                request,
+                400,
+                "BadParameter",
+                f"The specified version ({','.join(api_version) or 'none'}) is not recognized.",
+                "api-version",
+                shape=True,
+            )
+        contract = CONTRACT["azure-keys"]
+        checks: dict[str, Callable[[str | None], bool]] = {
+            "accept": lambda v: v == CONTRACT["azure"]["accept"],
+            "user-agent": lambda v: v is not None and v.startswith(contract["user_agent"]),
+        }
+        if sign and request.body:  # the challenge request goes out without its body (and content type)
+            checks["content-type"] = lambda v: v == contract["content_type"]
+        problems = shape_problems(request, query=[("api-version", api_version[0])], headers=checks)
+        if problems:
+            return self._kv_error(request, 400, "BadParameter", "Invalid request.", "; ".join(problems), shape=True)
+        refused = self._kv_authorize(request)
+        if refused is not None:
+            return refused
+        digest = None
+        if sign:
+            digest, problem = self._sign_body(request)
+            if digest is None:
+                return self._kv_error(request, 400, "BadParameter", "Invalid sign request.", problem, shape=True)
+        with self._lock:
+            entry = self.keys.get(name)
+            forbidden = name in self.forbidden_keys
+        if forbidden:
+            return self.reject(
+                request,
+                403,
+                f"keys {'sign' if sign else 'get'} forbidden",
+                {
+                    "error": {
+                        "code": "Forbidden",
+                        "message": f"The user, group or application 'appid={self.client_id}' does not have keys "
+                        f"{'sign' if sign else 'get'} permission on key vault.",
+                        "innererror": {"code": "AccessDenied"},
+                    }
+                },
+            )
+        found = None
+        if entry is not None:
+            found = entry.versions[-1] if version == "" else next((v for v in entry.versions if v[0] == version), None)
+        if entry is None or found is None:
+            return self._kv_error(
+                request,
+                404,
+                "KeyNotFound",
+                f"A key with (name/id) {name}{'/' + version if version else ''} was not found in this key vault.",
+                "unknown key",
+            )
+        kid = f"{self.url}/keys/{name}/{found[0]}"
+        if digest is None:
+            return Reply(200, self._key_bundle(kid, found[1], entry))
+        if not entry.enabled:
+            return self.reject(
+                request,
+                403,
+                "disabled key",
+                {
+                    "error": {
+                        "code": "Forbidden",
+                        "message": "Operation sign is not allowed on a disabled key.",
+                        "innererror": {"code": "KeyDisabled"},
+                    }
+                },
+            )
+        if not is_p256(found[1]):
+            return self._kv_error(
+                request, 400, "BadParameter", "Key and signing algorithm are incompatible.", "algorithm"
+            )
+        r, s_ = decode_dss_signature(sign_digest_p256(found[1], digest))
+        with self._lock:
+            self.signed.append((name, found[0], digest))
+        return Reply(200, {"kid": kid, "value": b64url(r.to_bytes(32, "big") + s_.to_bytes(32, "big"))})
+
+    @staticmethod
+    def _sign_body(request: Request) -> tuple[bytes | None, str]:
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            return None, "the body is not JSON"
+        if not isinstance(body, dict) or set(body) != set(CONTRACT["azure-keys"]["sign_body"]):
+            return None, "the body is not {alg, value}"
+        if body["alg"] != CONTRACT["azure-keys"]["es256"]:
+            return None, f"algorithm {body['alg']!r}"
+        digest = b64url_decode_strict(body["value"])
+        if digest is None or len(digest) != 32:
+            return None, "the value is not a base64url SHA-256 digest"
+        return digest, ""
+
+    @staticmethod
+    def _key_bundle(kid: str, key: SigningKey, entry: AzureKey) -> dict[str, Any]:
+        """A KeyBundle as Key Vault returns it: the public half as a JSON Web Key, and the attributes."""
+        jwk: dict[str, Any] = {"kid": kid, "key_ops": list(entry.ops)}
+        public = key.public_key()
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            numbers = public.public_numbers()
+            size = (public.curve.key_size + 7) // 8
+            jwk.update(
+                kty="EC",
+                crv={"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}[public.curve.name],
+                x=b64url(numbers.x.to_bytes(size, "big")),
+                y=b64url(numbers.y.to_bytes(size, "big")),
+            )
+        elif isinstance(public, rsa.RSAPublicKey):
+            rsa_numbers = public.public_numbers()
+            jwk.update(
+                kty="RSA",
+                n=b64url(rsa_numbers.n.to_bytes((rsa_numbers.n.bit_length() + 7) // 8, "big")),
+                e=b64url(rsa_numbers.e.to_bytes(3, "big")),
+            )
+        else:
+            raise AssertionError("Key Vault holds EC and RSA keys only")
+        attributes = {
+            "enabled": entry.enabled,
+            "created": 1700000000,
+            "updated": 1700000000,
+            "recoveryLevel": "Recoverable+Purgeable",
+            "recoverableDays": 90,
+        }
+        return {"key": jwk, "attributes": attributes}
 
     def _item(self, name: str) -> dict[str, Any]:
         return {"id": f"{self.url}/secrets/{name}", "attributes": {"enabled": True}}

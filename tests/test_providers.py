@@ -831,7 +831,7 @@ def test_bad_configuration_is_not_restarted_in_a_loop() -> None:
     providers = {
         "approle": {"type": "vault", "addr": "http://127.0.0.1:9", "auth_method": "approle", "role_id": "r"},
         "gcp": {"type": "gcp-secret-manager", "project": "p"},
-        "kms": {"type": "kms", "backend": "azure-kv"},
+        "kms": {"type": "kms", "backend": "azure-kv"},  # no key_name or vault_url: refused at configure
     }
     with running(providers, {}) as (host, _):
         rows = {s.name: s for s in host.status()}
@@ -841,7 +841,8 @@ def test_bad_configuration_is_not_restarted_in_a_loop() -> None:
         assert (rows["gcp"].last_error or "").startswith(FailureCode.CONFIG), rows["gcp"].last_error
         assert "credentials_file" in (rows["gcp"].last_error or "")
         assert _ok(host.get_secret("approle", "x"), ProviderFailure).code == FailureCode.CONFIG
-        assert _ok(host.sign("kms", b"m"), ProviderFailure).code == FailureCode.UNSUPPORTED
+        assert "needs `key_name`" in (rows["kms"].last_error or "")
+        assert _ok(host.sign("kms", b"m"), ProviderFailure).code == FailureCode.CONFIG
 
 
 def test_crash_loop_backs_off_exponentially() -> None:

@@ -130,6 +130,14 @@ PROVIDER_TYPES: dict[str, dict[str, Field]] = {
         "namespace": S,
         **_VAULT_AUTH,
         "key_file": S,  # backend "local": where the child keeps its Ed25519 key (default: the state dir)
+        # backends "gcp-kms" (a service-account key file) and "azure-kv" (an Entra ID app): engine/providers/
+        "credentials_file": S,
+        "key_version": S,
+        "vault_url": URL,
+        "tenant_id": S,
+        "client_id": S,
+        "client_secret": SECRET,
+        "authority_host": URL,
     },
     "splunk-sink": {"url": SECRET_URL, "token": SECRET, "index": S, "source": S, "sourcetype": S, "verify_tls": B},
     "datadog-sink": {"api_key": SECRET, "site": S, "service": S, "tags": L, "url": URL},

@@ -250,6 +250,8 @@ _MODULES: Final[Mapping[tuple[str, str | None], str]] = {
     ("aws-secrets-manager", None): "faramesh.engine.providers.aws",
     ("kms", "aws-kms"): "faramesh.engine.providers.aws",
     ("kms", "vault-transit"): "faramesh.engine.providers.vault",
+    ("kms", "gcp-kms"): "faramesh.engine.providers.gcp",
+    ("kms", "azure-kv"): "faramesh.engine.providers.azure",
     ("kms", "local"): "faramesh.engine.providers.local",
     ("gcp-secret-manager", None): "faramesh.engine.providers.gcp",
     ("azure-key-vault", None): "faramesh.engine.providers.azure",
