@@ -18,6 +18,7 @@ from typing import Any
 
 from faramesh.engine.paths import StackPaths
 from faramesh.engine.policy.model import CompiledPolicy
+from faramesh.sandbox.spec import valid_agent_id
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 # The lean launcher's boot line: `-S` leaves site-packages out, so the package root comes as argv[1].
@@ -158,6 +159,10 @@ class AgentPlan:
     cgroup: str = ""  # faramesh/<cgroup>: `<stack>/<agent>` (stack_cgroup), never shared across stacks
     # With an `egress` block: where the launch hands its proxy listener to the engine (engine/egress_service.py).
     egress_intake: Path | None = None
+    # `runtime { env_allow = […]; strip_env = […] }`: names added to the environment allow-list, and globs
+    # added to the deny list (sandbox/credentials.py; deny wins).
+    env_allow: tuple[str, ...] = ()
+    env_deny: tuple[str, ...] = ()
 
     def sandbox_settings(self) -> dict[str, Any]:
         return {"argv": list(self.argv), "profile": self.profile, "workspace": str(self.workspace),
@@ -251,12 +256,25 @@ def plan_agents(stack: Path, policy: CompiledPolicy, paths: StackPaths) -> list[
         # Several agents never share a workspace (each owns its own): one subdirectory each.
         ws = workspace if len(policy.agents) == 1 else workspace / agent_id
         cgroup = f"{stack_cgroup(paths.stack_id)}/{agent_id}"
+        if not valid_agent_id(agent_id):
+            # Checked before `apply` writes anything: the sandbox names hosts, cgroups and specs after it.
+            raise ValueError(
+                f'agent "{agent_id}" cannot be launched in a sandbox: an applied agent id is 1-63 letters, digits,'
+                " '.', '_' or '-' (no '/'); rename it, or run it with `faramesh dev`"
+            )
         has_egress = policy.agents[agent_id].settings.get("egress") is not None and profile != "off"
         intake = paths.runtime_dir / "egress.sock" if has_egress else None
         plans.append(
-            AgentPlan(agent_id, argv, profile, uid, ws, paths.agent_socket(agent_id).parent, cgroup, intake)
+            AgentPlan(
+                agent_id, argv, profile, uid, ws, paths.agent_socket(agent_id).parent, cgroup, intake,
+                _strings(runtime.get("env_allow")), _strings(runtime.get("strip_env")),
+            )
         )
     return plans
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in value) if isinstance(value, (list, tuple)) else ()
 
 
 def prepare_workspace(plan: AgentPlan) -> None:
@@ -288,6 +306,8 @@ def build_spec_json(plan: AgentPlan, stack: Path) -> str:
         socket_dir=str(plan.socket_dir),
         hidden_paths=(str(stack / ".faramesh"),),
         cgroup_name=plan.cgroup or None,
+        env_allow=plan.env_allow,
+        env_deny_globs=plan.env_deny,
         egress_port=EGRESS_PROXY_PORT if plan.egress_intake is not None else None,
         egress_intake=str(plan.egress_intake) if plan.egress_intake is not None else None,
     )
