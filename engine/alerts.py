@@ -52,6 +52,7 @@ _CODE_EVENTS = {
     "RATE_EXCEEDED": "rate_exceeded",
     "BUDGET_EXCEEDED": "budget_exceeded",
     "EGRESS_DENIED": "egress_denied",
+    "SANDBOX_VIOLATION": "sandbox_violation",
 }
 
 Poster = Callable[[str, bytes, float], int]

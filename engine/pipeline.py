@@ -11,12 +11,17 @@ Step 9, the credential broker, sits between the decision and the DPR append: the
 settles the verdict with `grant_credential` (the DPR records the reference, version, delivery tier and
 expiry — never the value) or `deny_credential` (the permit becomes DENY CREDENTIAL_UNAVAILABLE and its
 state changes are undone: a failing provider never leads to a permit).
+
+Fleet budgets (`scope = "fleet"`) are the budget step's I/O: a permit on one carries a `FleetClaim`
+(`Verdict.fleet`); the server asks the fleet's database (engine/wal/pg_store.py `FleetBudgets`) before
+anything else happens to the permit, and `fleet_outcome` reads the answer — the permit stands, or
+becomes BUDGET_EXCEEDED or BUDGET_UNAVAILABLE with its state changes undone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import MappingProxyType
 from typing import Any
@@ -25,19 +30,36 @@ from faramesh.engine.egress import EgressConfigError, EgressPolicy, check_args, 
 from faramesh.engine.identity.base import IdentityResult
 from faramesh.engine.policy.evaluate import DEFER, DENY, PERMIT, Decision, evaluate
 from faramesh.engine.policy.limits import (
+    FLEET,
+    GRANTED,
+    REFUSED,
     BudgetUsage,
+    FleetClaim,
+    FleetOutcome,
+    FleetUsage,
     RateBucket,
     StateSnapshot,
     estimate_cost_cents,
+    fleet_claim,
+    fleet_flag,
     period_bounds,
     spend_rate,
 )
 from faramesh.engine.policy.model import Agent, CompiledPolicy
+from faramesh.engine.policy.schema import DEFAULT_FLEET
 from faramesh.engine.policy.toolid import glob_matches
 from faramesh.engine.wal.dpr import REDACTED, NonCanonicalArgs, canonical_bytes, digest_of, hmac_hex, redact
 
 DEFAULT_APPROVAL_TTL = 86400
-RESERVATION_TTL = 3600
+RESERVATION_TTL = 3600  # runtime.reservation_ttl unset
+
+
+def reservation_ttl(policy: CompiledPolicy) -> float:
+    return float(policy.runtime.get("reservation_ttl", RESERVATION_TTL))
+
+
+def fleet_name(policy: CompiledPolicy) -> str:
+    return str(policy.runtime.get("fleet", DEFAULT_FLEET))
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +114,20 @@ class Verdict:
     # State changes to revert, newest last, when the record cannot be committed (WAL-first: a decision
     # that is not on disk was never made).
     undo: list[Callable[[], None]] = field(default_factory=list)
+    # A permit on fleet budgets: the reservation the server must obtain from the database before the
+    # permit stands (`EngineState.fleet_outcome` reads the answer).
+    fleet: FleetClaim | None = None
+    # The same call finished with another decision (a fleet budget refused it): a fresh Verdict.
+    refinish: Callable[[Decision, dict[str, Any]], Verdict] | None = field(default=None, repr=False)
 
 
 @dataclass
 class Reservation:
     agent_id: str
     cents: int
-    budgets: tuple[str, ...]
+    budgets: tuple[str, ...]  # the local budgets charged (in `EngineState.budgets`)
     expires_at: float
+    fleet: tuple[str, ...] = ()  # the fleet budgets reserved on in the database (settled there)
 
 
 class EngineState:
@@ -113,6 +141,12 @@ class EngineState:
         self.rate: dict[tuple[str, str], RateBucket] = {}
         self.budgets: dict[tuple[str, str], BudgetUsage] = {}
         self.reservations: dict[str, Reservation] = {}
+        # Fleet budgets as the database last reported them to this engine (for `status` only: the
+        # database, not this copy, decides).
+        self.fleet_seen: dict[tuple[str, str], dict[str, Any]] = {}
+        # `faramesh dev` has no fleet database: it keeps fleet budgets here, as local ones (a dev session is
+        # one engine, so the budget means the same).
+        self.fleet_local = dev
         self.approvals: dict[str, Approval] = {}
         self._approval_index: dict[tuple[str, str, str], str] = {}
         self._snapshot = StateSnapshot(MappingProxyType(self.rate), MappingProxyType(self.budgets))
@@ -161,6 +195,8 @@ class EngineState:
         if agent is None:
             return ()
         for budget in agent.budgets:
+            if budget.scope == FLEET and not self.fleet_local:  # kept in the fleet's database, never here
+                continue
             start, _ = period_bounds(budget.period, now)
             key = (agent_id, budget.name)
             usage = self.budgets.get(key)
@@ -293,8 +329,10 @@ class EngineState:
             if identity.subject is not None:
                 base["identity"]["subject"] = identity.subject
         principal: dict[str, Any] = dict(identity.claims) if identity is not None and identity.ok else {}
-        if self.dev and not principal and isinstance(fields.get("principal"), dict):
-            principal = dict(fields["principal"])
+        verified = identity is not None and identity.ok and identity.method not in ("peercred", "socket")
+        if self.dev and not verified and isinstance(fields.get("principal"), dict):
+            # dev only: no identity provider runs, so the request's own claims stand in — marked as such.
+            principal = {**principal, **fields["principal"]}
             base["identity"]["principal"] = "unverified (dev: taken from the request)"
 
         def finish(
@@ -415,18 +453,108 @@ class EngineState:
         if decision.effect in (PERMIT, DEFER) and decision.tool is not None:
             self.spend(agent_id, decision.tool, now)
             undo.append(partial(self._unspend, agent_id, decision.tool))
+        claim: FleetClaim | None = None
         if decision.effect == PERMIT and agent is not None and agent.budgets:
             cents = estimate_cost_cents(raw_args, int(self.policy.runtime.get("call_cost", 0)))
             names = self.charge(agent_id, cents, now, reserved=True)
-            self.reservations[action_id] = Reservation(agent_id, cents, names, now + RESERVATION_TTL)
+            ttl = reservation_ttl(self.policy)
+            if not self.fleet_local:
+                claim = fleet_claim(agent.budgets, reservation_id=action_id, fleet=fleet_name(self.policy),
+                                    agent_id=agent_id, cents=cents, now=now, ttl=ttl)  # fmt: skip
+            fleet = tuple(p.name for p in claim.parts) if claim is not None else ()
+            self.reservations[action_id] = Reservation(agent_id, cents, names, now + ttl, fleet)
             undo.append(partial(self._unreserve, action_id))
             extra["cost_cents"] = cents
         verdict = finish(decision, digest=digest, args_bytes=redacted_bytes, extra=extra)
         verdict.approval_writes = approval_writes
         verdict.undo = undo
+        if claim is not None:
+            verdict.fleet = claim
+
+            def refinish(other: Decision, changes: dict[str, Any]) -> Verdict:
+                return finish(other, digest=digest, args_bytes=redacted_bytes, extra={**extra, **changes})
+
+            verdict.refinish = refinish
         if decision.retry_after_seconds is not None:
             verdict.reply["structured_denial"]["resolution"]["retry_after_seconds"] = decision.retry_after_seconds
         return verdict
+
+    def fleet_outcome(self, verdict: Verdict, outcome: FleetOutcome, timeout: float) -> Verdict:
+        """Settle a permit on fleet budgets with the database's answer. Granted: the permit stands and its
+        DPR records the reservation. Refused: the policy's BUDGET_EXCEEDED (audit mode lets it through, as
+        for a local budget). Unavailable: DENY BUDGET_UNAVAILABLE whatever the mode — a budget that could
+        not be checked never leads to a permit. Either way the permit's state changes are undone."""
+        claim = verdict.fleet
+        if claim is None or verdict.refinish is None or verdict.decision is None:
+            return verdict
+        verdict.fleet = None
+        note: dict[str, Any] = {
+            "fleet": claim.fleet,
+            "reserved_cents": claim.cents,
+            "expires_ms": claim.expires_ms,
+            "budgets": [
+                {
+                    "name": p.name,
+                    "period": p.period,
+                    "period_start": p.period_start,
+                    "max_cents": p.max_cents,
+                    "max_calls": p.max_calls,
+                }
+                for p in claim.parts
+            ],
+        }
+        self._saw_fleet(claim, outcome)
+        if outcome.status == GRANTED:
+            note["status"] = GRANTED
+            note["usage"] = [_usage_row(u) for u in outcome.usage]
+            verdict.record["fleet_budget"] = note
+            flagged = fleet_flag(claim, outcome)
+            if flagged is not None and not verdict.decision.budget_warn:
+                verdict.decision = replace(verdict.decision, budget=flagged, budget_warn=True)
+            return verdict
+        for undo in reversed(verdict.undo):
+            undo()
+        tool = verdict.decision.tool
+        if outcome.status == REFUSED:
+            part = next((p for p in claim.parts if p.name == outcome.refused_by), claim.parts[0])
+            note.update({"status": REFUSED, "refused_by": part.name, "reserved_cents": 0})
+            note["usage"] = [_usage_row(u) for u in outcome.usage]
+            decision = Decision(DENY, "BUDGET_EXCEEDED", part.ref, f"fleet budget {part.name} would be exceeded",
+                                tool, resets_at=part.period_end, budget=part.name)  # fmt: skip
+            return verdict.refinish(decision, {"cost_cents": 0, "approver": None, "fleet_budget": note})
+        part = claim.parts[0]
+        note.update({"status": "unavailable", "reserved_cents": 0})
+        message = (
+            f"the fleet budget {part.name} could not be checked (its database did not answer within {timeout:g}s), "
+            "so the call is denied"
+        )
+        # As CREDENTIAL_UNAVAILABLE: the record keeps what the policy decided (`policy_effect`), the call is
+        # denied by the engine, in audit mode too.
+        decision = Decision(DENY, "BUDGET_UNAVAILABLE", part.ref, message, tool, budget=part.name)
+        verdict.undo, verdict.approval_writes, verdict.decision = [], [], decision
+        verdict.record.update(
+            {"effect": DENY, "code": "BUDGET_UNAVAILABLE", "cost_cents": 0, "approver": None, "fleet_budget": note}
+        )
+        verdict.reply = {
+            "call_id": verdict.reply.get("call_id"),
+            "effect": DENY,
+            "action_id": verdict.reply.get("action_id"),
+            "latency_us": verdict.reply.get("latency_us"),
+            "structured_denial": _structured_denial(decision, None, None),
+        }
+        return verdict
+
+    def _saw_fleet(self, claim: FleetClaim, outcome: FleetOutcome) -> None:
+        for usage in outcome.usage:
+            part = next((p for p in claim.parts if p.name == usage.name), None)
+            if part is not None:
+                self.fleet_seen[(claim.agent_id, usage.name)] = {
+                    "period_start": part.period_start,
+                    **_usage_row(usage),
+                    "max_cents": part.max_cents,
+                    "max_calls": part.max_calls,
+                    "as_of_ms": claim.at_ms,
+                }
 
     def egress_policy(self, agent: Agent) -> EgressPolicy | EgressConfigError | None:
         """The agent's compiled `egress` block (cached per policy object), the error that makes it unusable,
@@ -558,6 +686,8 @@ class EngineState:
         if agent is None:
             return
         for budget in agent.budgets:
+            if budget.scope == FLEET and not self.fleet_local:  # settled in the fleet's database when it happened
+                continue
             key = (agent_id, budget.name)
             usage = self.budgets.get(key)
             start, _ = period_bounds(budget.period, when / 1000)
@@ -670,7 +800,7 @@ def deny_credential(verdict: Verdict, ref: str, provider: str, failure_code: str
 
 
 def _structured_denial(decision: Decision, approval_id: str | None, operator_reason: str | None) -> dict[str, Any]:
-    if decision.code in ("RATE_EXCEEDED", "IDENTITY_UNAVAILABLE"):
+    if decision.code in ("RATE_EXCEEDED", "IDENTITY_UNAVAILABLE", "BUDGET_UNAVAILABLE"):
         resolution: dict[str, Any] = {"type": "retry_after"}
     elif decision.code == "BUDGET_EXCEEDED":
         resolution = {"type": "budget_reset", "resets_at": decision.resets_at}
@@ -680,3 +810,12 @@ def _structured_denial(decision: Decision, approval_id: str | None, operator_rea
         resolution = {"type": "rule_block"}
     message = operator_reason or decision.reason
     return {"code": decision.code, "rule_ref": decision.rule_ref, "human_message": message, "resolution": resolution}
+
+
+def _usage_row(usage: FleetUsage) -> dict[str, Any]:
+    return {
+        "name": usage.name,
+        "spent_cents": usage.spent_cents,
+        "reserved_cents": usage.reserved_cents,
+        "calls": usage.calls,
+    }

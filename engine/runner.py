@@ -33,7 +33,7 @@ from faramesh.engine.wal.signer import PINS_FILE, ephemeral_signer, load_or_crea
 from faramesh.engine.wal.store import DEFAULT_REPLAY_RETENTION, MemoryStore, SqliteStore, StoreError
 
 if TYPE_CHECKING:  # never at run time: psycopg is loaded only when the policy selects PostgreSQL
-    from faramesh.engine.wal.pg_store import PgStore
+    from faramesh.engine.wal.pg_store import FleetBudgets, PgStore
 
 
 class EngineStartError(Exception):
@@ -134,8 +134,10 @@ def _postgres_store(
     sync: str,
     environ: Mapping[str, str],
     clock: Callable[[], float],
-) -> tuple[PgStore, dict[str, Any]]:
-    """The PostgreSQL WAL store for `runtime { backend = "postgres" }` and its description for status.
+) -> tuple[PgStore, dict[str, Any], FleetBudgets]:
+    """The PostgreSQL WAL store for `runtime { backend = "postgres" }`, its description for status, and
+    the fleet budgets kept in the same database (it connects on first use, or at start when the policy
+    has a `scope = "fleet"` budget).
 
     psycopg is imported here and only here, so a SQLite or memory engine never loads it. The URL is a
     secret reference resolved from the engine's environment; it (and its password) never reaches an
@@ -158,11 +160,13 @@ def _postgres_store(
     try:
         chain_id = pg_store.load_or_create_chain_id(paths.state_dir / "chain_id", lambda: new_ulid(clock()))
         store = pg_store.PgStore(url, chain_id, sync)
+        timeout = float(runtime.get("budget_timeout", pg_store.DEFAULT_BUDGET_TIMEOUT))
+        fleet = pg_store.FleetBudgets(url, chain_id, timeout=timeout, log=_log)
     except (StoreError, OSError) as exc:  # neither carries the URL: PgStore masks it, OSError names the file
         raise EngineStartError(f"cannot set up the PostgreSQL WAL: {exc}") from None
     # Named as `faramesh audit` names it (host, port, database, schema, chain): no credential in it.
     wal_info = {"backend": "postgres", "path": f"{store.db.where} chain {chain_id}", "sync": sync, "chain_id": chain_id}
-    return store, wal_info
+    return store, wal_info, fleet
 
 
 LOCAL_KMS_KEY = "kms-local.key"  # `kms` backend "local" without `key_file`: the child's key, in the state dir
@@ -197,11 +201,12 @@ def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = 
     sync = str(runtime.get("wal_sync", "full"))
     ensure_private_dir(paths.state_dir, 0o700)  # keys, and the PostgreSQL chain id, live there
     store: MemoryStore | SqliteStore | PgStore
+    fleet: FleetBudgets | None = None
     if backend == "memory":
         store = MemoryStore()
         wal_info: dict[str, Any] = {"backend": "memory", "path": None, "sync": None}
     elif backend == "postgres":
-        store, wal_info = _postgres_store(runtime, paths, sync, os.environ, time.time)
+        store, wal_info, fleet = _postgres_store(runtime, paths, sync, os.environ, time.time)
     else:
         wal_path = paths.wal_path(runtime.get("wal_dir"))
         store = SqliteStore(wal_path, sync)
@@ -231,7 +236,9 @@ def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = 
         on_commit=sinks.offer_committed if sinks is not None else None,
     )
     state = EngineState(policy, hmac_key=_read_private_key(paths.hmac_key, 32), dev=False)
-    sockets = [SocketSpec(Path(str(runtime.get("socket") or paths.operator_socket)), "operator", None, 0o660)]
+    # operator.sock is faramesh-operators' (DESIGN.md §2) when that group exists: its members run the CLI.
+    sockets = [SocketSpec(Path(str(runtime.get("socket") or paths.operator_socket)), "operator", None, 0o660,
+                          _operators_gid())]  # fmt: skip
     for agent_id in sorted(policy.agents):
         sockets.append(SocketSpec(paths.agent_socket(agent_id), "agent", agent_id, 0o666))
     config = ServerConfig(
@@ -258,7 +265,22 @@ def serve_server(stack_dir: Path, paths: StackPaths, policy_file: Path | None = 
         signing=signing,
         sinks=sinks,
         identity=identity,
+        fleet=fleet,
     )
+
+
+def _operators_gid() -> int | None:
+    """The operators group, when it exists and this process may give a file that group (root, or a member:
+    the engine's service user is one)."""
+    import grp
+
+    from faramesh.engine.paths import OPERATORS_GROUP
+
+    try:
+        gid = grp.getgrnam(OPERATORS_GROUP).gr_gid
+    except KeyError:
+        return None
+    return gid if os.geteuid() == 0 or gid in os.getgroups() else None
 
 
 def _sinks(policy: CompiledPolicy, paths: StackPaths) -> SinkDispatcher | None:

@@ -32,8 +32,9 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from faramesh import sdnotify
@@ -44,6 +45,7 @@ from faramesh.engine.identity import IdentityVerifier
 from faramesh.engine.pipeline import (
     EngineState,
     Peer,
+    Reservation,
     Verdict,
     credential_for,
     credential_route,
@@ -52,7 +54,18 @@ from faramesh.engine.pipeline import (
     grant_credential,
 )
 from faramesh.engine.policy.evaluate import PERMIT
+from faramesh.engine.policy.limits import (
+    EXPIRED,
+    FLEET,
+    GRANTED,
+    UNAVAILABLE,
+    UNKNOWN,
+    FleetOutcome,
+    FleetSettlement,
+    estimate_cost_cents,
+)
 from faramesh.engine.policy.model import CompiledPolicy, thaw
+from faramesh.engine.policy.schema import DEFAULT_FLEET
 from faramesh.engine.protocol import (
     AGENT_VERBS,
     MAX_FRAME,
@@ -87,6 +100,9 @@ from faramesh.engine.wal.signer import (
 )
 from faramesh.engine.wal.store import Batch, Checkpoint, StoreError
 from faramesh.engine.wal.verify import verify_chain
+
+if TYPE_CHECKING:  # never at run time: psycopg is loaded only when the policy selects PostgreSQL
+    from faramesh.engine.wal.pg_store import FleetBudgets
 
 IDLE_PARTIAL_LINE_S = 10.0
 MAX_CENTS = 2**53  # DPR integers stay within JSON's exact range (RFC 8785)
@@ -156,6 +172,7 @@ class EngineServer:
         signing: SigningSetup | None = None,
         sinks: SinkDispatcher | None = None,
         identity: IdentityVerifier | None = None,
+        fleet: FleetBudgets | None = None,
     ) -> None:
         """`alerts`: the dispatcher (default: one configured from the policy and `environ`, which is the
         engine's own environment unless given; a secret it references but that is unset raises
@@ -175,8 +192,13 @@ class EngineServer:
         )
         # Who the caller is, beyond the socket it reached (engine/identity/): a block the engine cannot use
         # raises IdentityConfigError (a ValueError) here, so the engine does not start.
-        self.identity = identity or IdentityVerifier.from_policy(policy, self.environ, dev=config.dev)
+        # dev stubs identity (DESIGN.md §3: spiffe://dev.local/<agent>), like every other provider.
+        self.identity = identity or (
+            IdentityVerifier(dev=True) if config.dev else IdentityVerifier.from_policy(policy, self.environ)
+        )
         self.sinks = sinks  # committed DPRs to the SIEM (engine/sinks/): spooled, off the decision path
+        self.fleet = fleet  # fleet budgets (`scope = "fleet"`), in the PostgreSQL database of the WAL
+        self._fleet_problem: str | None = None  # logged once per new reason, not once per denied call
         self.policy = policy
         self.wal = wal
         self.state = state
@@ -316,6 +338,8 @@ class EngineServer:
         now = self.clock()
         recent = (decode_body(r.body) for r in self.wal.store.records(max(1, self.wal.seq - 200_000)))
         self.state.replay(recent, self.wal.store.approvals(), now)
+        if self.fleet is not None and _has_fleet_budgets(self.policy):
+            self.fleet.open()  # the tables exist (or the role may not create them: refuse now, not per call)
         applied = self.wal.meta.get("policy_version")
         if applied == self.policy.version and self.wal.meta.get("policy_applied_at"):
             self.applied_at = self.wal.meta["policy_applied_at"]
@@ -624,6 +648,8 @@ class EngineServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pin_task
         await self.wal.close()  # the shutdown checkpoint may still need the KMS: providers close after it
+        if self.fleet is not None:  # after the last decision: queued releases still run
+            await asyncio.get_running_loop().run_in_executor(None, self.fleet.close)
         if self.sinks is not None:
             await self.sinks.aclose(5.0)  # what is not delivered stays spooled for the next start
         if self.providers is not None:
@@ -792,6 +818,8 @@ class EngineServer:
             started_ns=started,
             clock_ns=self.clock_ns,
         )
+        if verdict.fleet is not None:  # budget step, fleet part: the database grants the reservation or not
+            verdict = await self._reserve_fleet(verdict)
         verdict.record["epoch_ms"] = int(now * 1000)
         secret: SecretValue | None = None
         credential: dict[str, Any] | None = None
@@ -805,15 +833,20 @@ class EngineServer:
             # WAL-first: a decision that is not on disk was never made, so neither are its state changes.
             for undo in reversed(verdict.undo):
                 undo()
+            code, human = "WAL_WRITE_FAILURE", "the decision could not be recorded, so the call is denied"
+            if verdict.record.get("code") == "BUDGET_UNAVAILABLE" and verdict.decision is not None:
+                # The database that keeps the fleet budget keeps the WAL too: say the first thing that failed.
+                code = "BUDGET_UNAVAILABLE"
+                human = f"{verdict.decision.reason} (and the decision could not be recorded)"
             return {
                 "call_id": message.fields.get("call_id"),
                 "effect": "DENY",
                 "action_id": None,
                 "latency_us": (self.clock_ns() - started) // 1000,
                 "structured_denial": {
-                    "code": "WAL_WRITE_FAILURE",
+                    "code": code,
                     "rule_ref": None,
-                    "human_message": "the decision could not be recorded, so the call is denied",
+                    "human_message": human,
                     "resolution": {"type": "retry_after"},
                 },
             }
@@ -836,6 +869,27 @@ class EngineServer:
             # Only now, after the commit: the value exists in this reply and nowhere else.
             return {**verdict.reply, "credential": {**credential, "value": secret.reveal()}}
         return verdict.reply
+
+    async def _reserve_fleet(self, verdict: Verdict) -> Verdict:
+        """Ask the fleet's database for the permit's reservation (on the budget thread, bounded by
+        `budget_timeout`); a refusal or no answer turns the permit into a deny."""
+        claim = verdict.fleet
+        assert claim is not None
+        timeout = self.fleet.timeout if self.fleet is not None else 0.0
+        if self.fleet is None:
+            outcome = FleetOutcome(UNAVAILABLE, error="this engine keeps no PostgreSQL database for fleet budgets")
+        else:
+            outcome = await self.fleet.reserve(claim)
+        if outcome.status == UNAVAILABLE and outcome.error != self._fleet_problem:
+            self._log(f"fleet budget unavailable ({outcome.error}): calls on fleet budgets are denied meanwhile")
+        elif outcome.status != UNAVAILABLE and self._fleet_problem is not None:
+            self._log("fleet budget database answering again")
+        self._fleet_problem = outcome.error if outcome.status == UNAVAILABLE else None
+        decided = self.state.fleet_outcome(verdict, outcome, timeout)
+        if outcome.status == GRANTED and self.fleet is not None:
+            # Undone with the rest of the permit (WAL, credential or signing failure): give it back.
+            decided.undo.append(partial(self.fleet.release_soon, claim.reservation_id, claim.agent_id))
+        return decided
 
     async def _grant_through_proxy(
         self, verdict: Verdict, credential: dict[str, Any], secret: SecretValue, route: str
@@ -968,11 +1022,9 @@ class EngineServer:
         return out
 
     async def _verb_complete(self, message: Message, peer: Peer) -> dict[str, Any]:
-        from faramesh.engine.policy.limits import estimate_cost_cents
-
         action_id = message.fields["action_id"]
         reservation = self.state.reservations.get(action_id)
-        if reservation is None or (peer.role == "agent" and reservation.agent_id != peer.agent_id):
+        if reservation is not None and peer.role == "agent" and reservation.agent_id != peer.agent_id:
             raise _VerbError("INVALID_REQUEST", "unknown or already settled action_id")
         usage = message.fields.get("usage") or {}
         actual = usage.get("cost_cents")
@@ -982,8 +1034,30 @@ class EngineServer:
                 "input_tokens": usage.get("input_tokens"),
                 "max_tokens": usage.get("output_tokens"),
             }
-            actual = min(estimate_cost_cents(model_args, reservation.cents), MAX_CENTS - 1)
+            # No usage the engine can price: the estimate (-1 marks it where the estimate is not known here).
+            flat = reservation.cents if reservation is not None else -1
+            actual = min(estimate_cost_cents(model_args, flat), MAX_CENTS - 1)
+        if reservation is None:
+            if self.fleet is None or not _has_fleet_budgets(self.state.policy):
+                raise _VerbError("INVALID_REQUEST", "unknown or already settled action_id")
+            # A fleet reservation this engine does not hold in memory (made before a restart, or by another
+            # engine of the fleet): the database knows it, and whose it is.
+            return await self._complete_fleet_only(action_id, peer, None if actual < 0 else actual)
         del self.state.reservations[action_id]  # claimed: a concurrent `complete` finds nothing to settle
+        fleet_note: dict[str, Any] | None = None
+        if reservation.fleet:
+            settled = await self._settle_fleet(action_id, reservation.agent_id, actual, reservation)
+            if settled.status == EXPIRED:  # its TTL passed: settled at the estimate, locally too
+                self.state.settle_reservation(reservation, reservation.cents, self.clock())
+                raise _VerbError("INVALID_REQUEST", _expired_message(action_id, settled.reserved_cents))
+            if settled.status == UNKNOWN:  # settled elsewhere: on another engine, or swept at its TTL
+                self.state.settle_reservation(reservation, reservation.cents, self.clock())
+                raise _VerbError(
+                    "INVALID_REQUEST",
+                    f"action {action_id} is already settled (by a `complete` on another engine of the fleet, or "
+                    "at its estimate once its reservation_ttl passed)",
+                )
+            fleet_note = _fleet_settlement_note(self.state.policy, settled)
         now, record_id, timestamp = self._ids()
         record = {
             "id": record_id,
@@ -997,14 +1071,68 @@ class EngineServer:
             "cost_delta_cents": actual - reservation.cents,
             "dev": self.state.dev,
         }
+        if fleet_note is not None:
+            record["fleet_budget"] = fleet_note
         try:
             await self.wal.append(record)
         except StoreError as exc:
-            self.state.reservations[action_id] = reservation  # not recorded, not settled
+            # Not recorded, not settled — except in the fleet's database, which already settled it: a retry
+            # settles the local budgets only.
+            reservation.fleet = ()
+            self.state.reservations[action_id] = reservation
+            if fleet_note is not None:
+                self._log(f"fleet settlement of {action_id} ({actual} cents) is not on record: {exc}")
             raise _VerbError("WAL_WRITE_FAILURE", "the settlement could not be recorded") from exc
         self.state.settle_reservation(reservation, actual, now)
         self._show(record)
         return {"action_id": action_id, "settled_cents": actual}
+
+    async def _settle_fleet(
+        self, action_id: str, agent_id: str | None, actual: int | None, reservation: Reservation | None
+    ) -> FleetSettlement:
+        """Settle a fleet reservation in the database; no answer in time → BUDGET_UNAVAILABLE (the
+        reservation stays, in memory and there: a retry can settle it, or its TTL settles it at the
+        estimate)."""
+        assert self.fleet is not None
+        settled = await self.fleet.settle(action_id, agent_id, actual, self.clock())
+        if settled.status == UNAVAILABLE:
+            self._log(f"fleet settlement of {action_id}: {settled.error}")
+            if reservation is not None:
+                self.state.reservations[action_id] = reservation
+            raise _VerbError(
+                "BUDGET_UNAVAILABLE",
+                f"the fleet budget database did not answer within {self.fleet.timeout:g}s; retry the completion",
+            )
+        return settled
+
+    async def _complete_fleet_only(self, action_id: str, peer: Peer, actual: int | None) -> dict[str, Any]:
+        owner = peer.agent_id if peer.role == "agent" else None
+        settled = await self._settle_fleet(action_id, owner, actual, None)
+        if settled.status == UNKNOWN:
+            raise _VerbError("INVALID_REQUEST", "unknown or already settled action_id")
+        if settled.status == EXPIRED:
+            raise _VerbError("INVALID_REQUEST", _expired_message(action_id, settled.reserved_cents))
+        now, record_id, timestamp = self._ids()
+        record = {
+            "id": record_id,
+            "time": timestamp,
+            "epoch_ms": int(now * 1000),
+            "action_type": "settlement",
+            "agent_id": settled.agent_id,
+            "settles": action_id,
+            "reserved_cents": settled.reserved_cents,
+            # Not a permit of this chain: no local budget to correct at replay (the fleet's is settled).
+            "cost_delta_cents": 0,
+            "fleet_budget": _fleet_settlement_note(self.state.policy, settled),
+            "dev": self.state.dev,
+        }
+        try:
+            await self.wal.append(record)
+        except StoreError as exc:
+            self._log(f"fleet settlement of {action_id} ({settled.settled_cents} cents) is not on record: {exc}")
+            raise _VerbError("WAL_WRITE_FAILURE", "the settlement could not be recorded") from exc
+        self._show(record)
+        return {"action_id": action_id, "settled_cents": settled.settled_cents}
 
     async def _verb_status(self, message: Message, peer: Peer) -> dict[str, Any]:
         return self.status()
@@ -1181,6 +1309,9 @@ class EngineServer:
         except StoreError as exc:
             raise _VerbError("WAL_WRITE_FAILURE", "the sandbox violation could not be recorded") from exc
         self._show(record)
+        agent = self.policy.agents.get(agent_id)
+        if agent is not None and agent.alerts:  # `alert { on = "sandbox_violation" }` (and "deny", "any")
+            self.alerts.decision(agent, record, None)
         return {"id": record_id, "action_type": "sandbox_violation", "count": record["count"]}
 
     async def _verb_shutdown(self, message: Message, peer: Peer) -> dict[str, Any]:
@@ -1209,6 +1340,7 @@ class EngineServer:
             or bool(troubled)
             or bool(identity_down)
             or (self.sinks is not None and self.sinks.degraded)
+            or self._fleet_problem is not None  # calls on fleet budgets are being denied BUDGET_UNAVAILABLE
         )
         last_error = self.wal.last_error
         if last_error is None and troubled:
@@ -1217,6 +1349,8 @@ class EngineServer:
         if last_error is None and identity_down:
             row = identity_down[0]
             last_error = f'identity "{row.get("name")}" {row.get("health")}: {row.get("last_error") or "no answer yet"}'
+        if last_error is None and self._fleet_problem is not None:
+            last_error = f"fleet budgets: {self._fleet_problem}"
         budgets: list[dict[str, Any]] = []
         for (agent_id, name), usage in sorted(self.state.budgets.items()):
             budget = (
@@ -1235,6 +1369,9 @@ class EngineServer:
                     "max_calls": budget.max_calls if budget else None,
                 }
             )
+        for (agent_id, name), seen in sorted(self.state.fleet_seen.items()):
+            # As the fleet's database last answered this engine (`as_of_ms`); other engines move it too.
+            budgets.append({"agent_id": agent_id, "name": name, "scope": "fleet", **seen})
         return {
             "daemon": {
                 "state": self.lifecycle,
@@ -1262,6 +1399,7 @@ class EngineServer:
             "identity": self.identity.status(),
             "sinks": self.sinks.status() if self.sinks is not None else [],
             "budgets": budgets,
+            "fleet_budgets": self.fleet.status() if self.fleet is not None else None,
             "approvals": {"pending": len(pending), "oldest_age_seconds": oldest},
             "alerts": self.alerts.snapshot(),
         }
@@ -1282,6 +1420,26 @@ def _pin_der(pin: SignerPin) -> bytes | None:
 
 
 _SECRET_TYPES = ("vault", "aws-secrets-manager", "gcp-secret-manager", "azure-key-vault")
+
+
+def _has_fleet_budgets(policy: CompiledPolicy) -> bool:
+    return any(b.scope == FLEET for agent in policy.agents.values() for b in agent.budgets)
+
+
+def _expired_message(action_id: str, cents: int) -> str:
+    return (
+        f"action {action_id} is already settled: its reservation_ttl passed, so it was settled at its "
+        f"estimate ({cents} cents)"
+    )
+
+
+def _fleet_settlement_note(policy: CompiledPolicy, settled: FleetSettlement) -> dict[str, Any]:
+    return {
+        "fleet": str(policy.runtime.get("fleet", DEFAULT_FLEET)),
+        "budgets": list(settled.budgets),
+        "reserved_cents": settled.reserved_cents,
+        "settled_cents": settled.settled_cents,
+    }
 
 
 class _VerbError(Exception):

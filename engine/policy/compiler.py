@@ -26,6 +26,7 @@ from faramesh.engine.policy.ast import (
     Assignment,
     BareWord,
     Block,
+    BudgetDecl,
     EnvRef,
     PolicyFile,
     RuleDecl,
@@ -78,6 +79,7 @@ class _Compiler:
         self.env = env
         self.options = options
         self.providers: Mapping[str, Mapping[str, Any]] = {}  # the stack's, once its blocks are compiled
+        self.runtime: Mapping[str, Any] = {}  # the stack's (imported agents' budgets are checked against it)
         self.literal_secrets: dict[str, str] = {}
         self._literal_owner: dict[str, str] = {}  # $env name → the field it was made for
 
@@ -326,17 +328,19 @@ class _Compiler:
             warn = f.get("warn_at")
             if warn is not None and not 0 < warn <= 1:
                 raise PolicySchemaError("`warn_at` is a fraction between 0 and 1 (0.8 = 80%)", pos=b.pos)
-            budgets.append(
-                {
-                    "name": b.name,
-                    "period": period,
-                    "max_cents": f.get("max"),
-                    "max_calls": f.get("max_calls"),
-                    "warn_at": warn,
-                    "on_exceed": f.get("on_exceed", "deny"),
-                    "ref": ref_of(b.pos),
-                }
-            )
+            compiled_budget = {
+                "name": b.name,
+                "period": period,
+                "max_cents": f.get("max"),
+                "max_calls": f.get("max_calls"),
+                "warn_at": warn,
+                "on_exceed": f.get("on_exceed", "deny"),
+                "ref": ref_of(b.pos),
+            }
+            if f.get("scope", "local") == "fleet":
+                self.fleet_budget(b, compiled_budget)
+                compiled_budget["scope"] = "fleet"
+            budgets.append(compiled_budget)
         redactions = []
         for rd in a.redactions:
             paths = self.plain(rd.paths, rd.pos, "redact")
@@ -387,6 +391,26 @@ class _Compiler:
             "settings": settings,
             "alerts": alerts,
         }
+
+    def fleet_budget(self, b: BudgetDecl, compiled: Mapping[str, Any]) -> None:
+        """A `scope = "fleet"` budget is kept in the database the fleet's engines share: only PostgreSQL
+        is such a database, and a refusal there cannot wait for an operator (no `defer`)."""
+        pos = next((a.pos for a in b.fields if a.name == "scope"), b.pos)
+        backend = self.runtime.get("backend", "sqlite")
+        if backend != "postgres":
+            raise PolicySchemaError(
+                f'budget `{b.name}` has scope = "fleet": a fleet budget is shared by every engine of the fleet '
+                "through the PostgreSQL database they keep their WAL in, so the stack needs runtime { backend = "
+                f'"postgres"  postgres_url = env("FARAMESH_PG_URL") }} (its backend is "{backend}"); drop '
+                '`scope = "fleet"` to keep the budget per engine',
+                pos=pos,
+            )
+        if compiled["on_exceed"] == "defer":
+            raise PolicySchemaError(
+                f"budget `{b.name}`: a fleet budget cannot defer (the fleet-wide refusal is made in one atomic "
+                'statement, with no approval to wait for); use on_exceed = "deny" or "audit"',
+                pos=next((a.pos for a in b.fields if a.name == "on_exceed"), pos),
+            )
 
     def file_agents(self, pf: PolicyFile, ref_of: Any, origin: str | None) -> dict[str, dict[str, Any]]:
         agents: dict[str, dict[str, Any]] = {}
@@ -551,6 +575,7 @@ def compile_files(
     runtime, providers, identities = c.file_blocks(main)
     _check_signers(providers, main)
     c.providers = providers
+    c.runtime = runtime
     problem = schema.runtime_problem(runtime)
     if problem is not None:
         message, field_name = problem

@@ -98,6 +98,23 @@ class Budget:
     warn_at: float | None
     on_exceed: str
     ref: str
+    # "local": kept by this engine. "fleet": kept in the PostgreSQL database every engine of the fleet
+    # shares, reserved there by one atomic statement (engine/wal/pg_store.py, FleetBudgets).
+    scope: str = "local"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "period": self.period,
+            "max_cents": self.max_cents,
+            "max_calls": self.max_calls,
+            "warn_at": self.warn_at,
+            "on_exceed": self.on_exceed,
+            "ref": self.ref,
+        }
+        if self.scope != "local":  # a local budget's artifact (and so its policy version) is unchanged
+            out["scope"] = self.scope
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,18 +162,7 @@ class Agent:
                 {"tool": r.pattern, "count": r.count, "unit": r.unit, "per_seconds": r.per_seconds, "ref": r.ref}
                 for r in self.rate_limits
             ],
-            "budgets": [
-                {
-                    "name": b.name,
-                    "period": b.period,
-                    "max_cents": b.max_cents,
-                    "max_calls": b.max_calls,
-                    "warn_at": b.warn_at,
-                    "on_exceed": b.on_exceed,
-                    "ref": b.ref,
-                }
-                for b in self.budgets
-            ],
+            "budgets": [b.to_dict() for b in self.budgets],
             "redactions": [{"tool": r.pattern, "args": list(r.paths), "ref": r.ref} for r in self.redactions],
             "settings": thaw(self.settings),
             "alerts": thaw(self.alerts),
@@ -201,7 +207,16 @@ def build_agent(data: Mapping[str, Any]) -> Agent:
             RateLimit(r["tool"], r["count"], r["unit"], r["per_seconds"], r["ref"]) for r in data.get("rate_limits", [])
         ),
         budgets=tuple(
-            Budget(b["name"], b["period"], b["max_cents"], b["max_calls"], b["warn_at"], b["on_exceed"], b["ref"])
+            Budget(
+                b["name"],
+                b["period"],
+                b["max_cents"],
+                b["max_calls"],
+                b["warn_at"],
+                b["on_exceed"],
+                b["ref"],
+                b.get("scope", "local"),
+            )
             for b in data.get("budgets", [])
         ),
         redactions=tuple(Redaction(r["tool"], tuple(r["args"]), r["ref"]) for r in data.get("redactions", [])),

@@ -63,7 +63,18 @@ RUNTIME: dict[str, Field] = {
     # so it is a secret (any literal is refused; env("…") compiles to a reference the engine resolves).
     "slack_webhook_url": SECRET,
     "replay_retention": D,  # how long the redacted args of each request are kept for replay (default 7d)
+    # Budgets: a permit's reservation that no `complete` settles is settled at its estimate after this
+    # long (default 1h), for every budget of the engine, local or fleet.
+    "reservation_ttl": D,
+    # Fleet budgets (`budget … { scope = "fleet" }`, PostgreSQL only): the engines that share them
+    # (default "default": every engine on the database and schema), and how long a decision waits for
+    # the database before the call is denied BUDGET_UNAVAILABLE (default 2s).
+    "fleet": S,
+    "budget_timeout": D,
 }
+
+DEFAULT_FLEET = "default"
+MAX_BUDGET_TIMEOUT = 60
 
 
 def runtime_problem(runtime: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -76,6 +87,22 @@ def runtime_problem(runtime: Mapping[str, Any]) -> tuple[str, str] | None:
             'runtime backend = "postgres" needs `postgres_url`, the database to keep the WAL in; write it as '
             '`postgres_url = env("FARAMESH_PG_URL")` (its password stays in the engine\'s environment)',
             "backend",
+        )
+    ttl = runtime.get("reservation_ttl")
+    if ttl is not None and not ttl >= 1:
+        return "`reservation_ttl` must be at least 1s", "reservation_ttl"
+    timeout = runtime.get("budget_timeout")
+    if timeout is not None and not 0 < timeout <= MAX_BUDGET_TIMEOUT:
+        return f"`budget_timeout` must be more than 0s and at most {MAX_BUDGET_TIMEOUT}s", "budget_timeout"
+    fleet = runtime.get("fleet")
+    if fleet is not None and not (0 < len(fleet) <= 100 and fleet.isprintable()):
+        return "`fleet` names the engines that share fleet budgets: 1-100 printable characters", "fleet"
+    if (fleet is not None or timeout is not None) and runtime.get("backend") != "postgres":
+        name = "fleet" if fleet is not None else "budget_timeout"
+        return (
+            f"`{name}` is about fleet budgets, which live in the PostgreSQL database the engines share: it needs "
+            'runtime backend = "postgres"',
+            name,
         )
     return None
 
@@ -181,6 +208,8 @@ BUDGET_FIELDS: dict[str, Field] = {
     "warn_at": Field("number"),
     "on_exceed": enum("deny", "defer", "audit"),
     "period": enum("hourly", "daily", "weekly", "monthly"),
+    # "fleet": one budget for every engine of the fleet (runtime `fleet`), enforced in PostgreSQL.
+    "scope": enum("local", "fleet"),
 }
 BUDGET_PERIODS = ("hourly", "daily", "weekly", "monthly")
 

@@ -28,6 +28,9 @@ engines share a database and each keeps its own gap-free chain (`PRIMARY KEY (ch
   (database unreachable): reported as failed, and if it in fact committed, the next commit's
   compare-and-set refuses to fork the chain until the engine restarts and re-verifies.
 
+Fleet budgets (`budget … { scope = "fleet" }`) live in the same database and schema: `FleetBudgets`, at
+the end of this module, grants or refuses each reservation in one transaction on a session of its own.
+
 Errors are `StoreError` subclasses with stable codes; their messages never carry the URL's password.
 PostgreSQL 12 or newer (`tcp_user_timeout`). The role needs CREATE on the schema at the first start (or
 a DBA runs that start), then SELECT/INSERT/UPDATE on the tables and DELETE on `requests` (retention);
@@ -36,6 +39,9 @@ records are only ever inserted.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import math
@@ -47,10 +53,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
+from faramesh.engine.policy.limits import (
+    EXPIRED,
+    GRANTED,
+    REFUSED,
+    SETTLED,
+    UNAVAILABLE,
+    UNKNOWN,
+    FleetClaim,
+    FleetOutcome,
+    FleetSettlement,
+    FleetUsage,
+)
 from faramesh.engine.wal.store import (
     _APPROVAL_COLS,
     DEFAULT_REPLAY_RETENTION,
@@ -79,6 +98,7 @@ _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _SYNC = {"full": "on", "normal": "off"}
 
 Conn = psycopg.Connection[TupleRow]
+_T = TypeVar("_T")
 
 
 class StoreUnavailable(StoreError):
@@ -1048,3 +1068,396 @@ class PgReader:
                         "ORDER BY seq LIMIT 1"), (self.chain_id, seq),
         )  # fmt: skip
         return Checkpoint(*row) if row else None
+
+
+# ------------------------------------------------------------------------------------ fleet budgets
+
+# Fleet budgets (`budget … { scope = "fleet" }`): one row per (fleet, agent, budget, period window) holds
+# what every engine of the fleet spent and has reserved there; one row per (reservation, budget) says what
+# a permit holds and until when. The tables live in the WAL's schema and are created, if missing, by the
+# first engine that needs them (schema version unchanged: they are additive and nothing reads them but
+# `FleetBudgets`).
+FLEET_DDL = [
+    "CREATE TABLE IF NOT EXISTS {s}.fleet_budgets ("
+    " fleet text NOT NULL, agent_id text NOT NULL, budget text NOT NULL, period text NOT NULL,"
+    " period_start bigint NOT NULL,"
+    " spent_cents bigint NOT NULL DEFAULT 0 CHECK (spent_cents >= 0),"
+    " reserved_cents bigint NOT NULL DEFAULT 0 CHECK (reserved_cents >= 0),"
+    " calls bigint NOT NULL DEFAULT 0 CHECK (calls >= 0),"
+    " updated_at timestamptz NOT NULL DEFAULT now(),"
+    " PRIMARY KEY (fleet, agent_id, budget, period, period_start))",
+    "CREATE TABLE IF NOT EXISTS {s}.fleet_reservations ("
+    " reservation_id text NOT NULL, budget text NOT NULL, fleet text NOT NULL, agent_id text NOT NULL,"
+    " period text NOT NULL, period_start bigint NOT NULL, cents bigint NOT NULL CHECK (cents >= 0),"
+    " expires_ms bigint NOT NULL, chain_id text NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),"
+    " PRIMARY KEY (reservation_id, budget))",
+    "CREATE INDEX IF NOT EXISTS fleet_reservations_expiry ON {s}.fleet_reservations"
+    " (fleet, agent_id, budget, period, period_start, expires_ms)",
+]
+DEFAULT_BUDGET_TIMEOUT = 2.0
+_GRACE_S = 0.25  # past the database deadline, the event loop stops waiting for the budget thread
+_LATENCIES = 2048  # reservation round trips kept for `status` (p50)
+
+# The budget rows a claim touches, by its (budget, period, period_start) arrays.
+_KEYS = (
+    "fleet = %(f)s AND agent_id = %(a)s AND (budget, period, period_start) IN "
+    "(SELECT * FROM unnest(%(b)s::text[], %(p)s::text[], %(ps)s::bigint[]))"
+)
+_FLEET_SQL = {
+    # Rows for a new period window (harmless when they exist; a concurrent insert of the same key waits
+    # for the other transaction and then does nothing).
+    "ensure": "INSERT INTO {s}.fleet_budgets (fleet, agent_id, budget, period, period_start) "
+    "SELECT %(f)s, %(a)s, k.b, k.p, k.ps FROM unnest(%(b)s::text[], %(p)s::text[], %(ps)s::bigint[]) AS k(b, p, ps) "
+    "ON CONFLICT DO NOTHING",
+    # Every transaction that changes budget rows locks them first, in one order: two engines reserving
+    # on the same budgets queue on the first row instead of deadlocking.
+    "lock": f"SELECT budget FROM {{s}}.fleet_budgets WHERE {_KEYS} ORDER BY budget, period, period_start FOR UPDATE",
+    # Reservations whose TTL passed are settled at their estimate (moved from reserved to spent).
+    "sweep": f"WITH gone AS (DELETE FROM {{s}}.fleet_reservations WHERE {_KEYS} AND expires_ms <= %(now)s "
+    "RETURNING budget, period, period_start, cents), "
+    "total AS (SELECT budget, period, period_start, sum(cents)::bigint AS cents FROM gone "
+    "GROUP BY budget, period, period_start) "
+    "UPDATE {s}.fleet_budgets b SET spent_cents = b.spent_cents + t.cents, "
+    "reserved_cents = b.reserved_cents - t.cents, updated_at = now() FROM total t "
+    "WHERE b.fleet = %(f)s AND b.agent_id = %(a)s AND b.budget = t.budget AND b.period = t.period "
+    "AND b.period_start = t.period_start",
+    # The decision: one statement reserves on every budget whose limit holds (an `audit` budget takes it
+    # anyway); fewer rows back than budgets → one refused, and the transaction is rolled back.
+    "reserve": "UPDATE {s}.fleet_budgets b SET reserved_cents = b.reserved_cents + %(c)s, calls = b.calls + 1, "
+    "updated_at = now() FROM unnest(%(b)s::text[], %(p)s::text[], %(ps)s::bigint[], %(mx)s::bigint[], "
+    "%(mc)s::bigint[], %(g)s::boolean[]) AS k(b, p, ps, max_cents, max_calls, guarded) "
+    "WHERE b.fleet = %(f)s AND b.agent_id = %(a)s AND b.budget = k.b AND b.period = k.p AND b.period_start = k.ps "
+    "AND (NOT k.guarded OR ((k.max_cents IS NULL OR b.spent_cents + b.reserved_cents + %(c)s <= k.max_cents) "
+    "AND (k.max_calls IS NULL OR b.calls + 1 <= k.max_calls))) "
+    "RETURNING b.budget, b.spent_cents, b.reserved_cents, b.calls",
+    "hold": "INSERT INTO {s}.fleet_reservations (reservation_id, budget, fleet, agent_id, period, period_start, "
+    "cents, expires_ms, chain_id) SELECT %(r)s, k.b, %(f)s, %(a)s, k.p, k.ps, %(c)s, %(exp)s, %(chain)s "
+    "FROM unnest(%(b)s::text[], %(p)s::text[], %(ps)s::bigint[]) AS k(b, p, ps)",
+    "usage": f"SELECT budget, spent_cents, reserved_cents, calls FROM {{s}}.fleet_budgets WHERE {_KEYS}",
+    "find": "SELECT fleet, agent_id, budget, period, period_start FROM {s}.fleet_reservations "
+    "WHERE reservation_id = %(r)s AND (%(a)s::text IS NULL OR agent_id = %(a)s) ORDER BY budget",
+    # Settle (or release) a reservation: its rows go, and each budget's reserved becomes spent — the
+    # actual cost, or the estimate when its TTL had passed, or nothing for a release.
+    "settle": "WITH gone AS (DELETE FROM {s}.fleet_reservations WHERE reservation_id = %(r)s AND agent_id = %(a)s "
+    "RETURNING fleet, agent_id, budget, period, period_start, cents, expires_ms), "
+    "amounts AS (SELECT *, CASE WHEN %(release)s THEN 0 WHEN expires_ms <= %(now)s THEN cents "
+    "ELSE coalesce(%(actual)s::bigint, cents) END AS spend FROM gone) "
+    "UPDATE {s}.fleet_budgets b SET spent_cents = b.spent_cents + m.spend, "
+    "reserved_cents = b.reserved_cents - m.cents, "
+    "calls = b.calls - CASE WHEN %(release)s THEN 1 ELSE 0 END, updated_at = now() FROM amounts m "
+    "WHERE b.fleet = m.fleet AND b.agent_id = m.agent_id AND b.budget = m.budget AND b.period = m.period "
+    "AND b.period_start = m.period_start RETURNING m.budget, m.cents, m.spend, m.expires_ms <= %(now)s",
+}
+
+
+class FleetBudgets:
+    """Fleet-wide budgets in the PostgreSQL database the fleet's engines share.
+
+    A reservation is one transaction on a session of its own (never the WAL writer's, whose batches it
+    would hold up): lock the budget rows in one order, settle the expired reservations at their estimate,
+    then a single guarded UPDATE reserves on every budget whose limit still holds — all granted, or the
+    transaction is rolled back and the call is refused. The rows stay locked until COMMIT, so two engines
+    can never both see room for the last $10. COMMIT is synchronous (`synchronous_commit = on`) whatever
+    `wal_sync` says: a reservation the database forgot in a crash would let the fleet spend it twice.
+
+    The SQL runs on one thread of this object's; the event loop awaits it for at most `timeout` (plus a
+    short grace). No answer in time, a lost connection, a lock held past `lock_timeout`: UNAVAILABLE, and
+    the engine denies the call (fail closed). A reservation that lands after its caller gave up is
+    released again; a job still queued when its deadline passed never touches the database."""
+
+    def __init__(
+        self,
+        url: str,
+        chain_id: str,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        timeout: float = DEFAULT_BUDGET_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.chain_id = chain_id
+        self.timeout = timeout
+        self.db = _Database(url, schema, application_name=f"faramesh-budget {chain_id}",
+                            connect_timeout=connect_timeout, op_timeout=timeout)  # fmt: skip
+        self._log = log or (lambda message: None)
+        self._conn: Conn | None = None
+        self._tables_ready = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-budget")
+        self._closed = False
+        self._latencies: collections.deque[int] = collections.deque(maxlen=_LATENCIES)
+        self.counts = {GRANTED: 0, REFUSED: 0, UNAVAILABLE: 0}
+        self.last_error: str | None = None
+        self._sql = {name: self.db.sql(text) for name, text in _FLEET_SQL.items()}
+
+    # ---- the session (budget thread only)
+    def _session(self, deadline: float) -> Conn:
+        conn = self._conn
+        if conn is not None and not _stale(conn):
+            return conn
+        self._discard()
+        settings = {
+            **self.db.session_settings(read_only=False),
+            "synchronous_commit": "on",
+            "idle_in_transaction_session_timeout": "60000",
+            # Shorter than the client-side deadline: rows held by someone else fail the statement cleanly,
+            # and the session survives (the watchdog would have to sever it).
+            "lock_timeout": str(max(1, int(self.timeout * 800))),
+        }
+        conn, _ = self.db.connect(autocommit=False, settings=settings, deadline=deadline)
+        self._conn = conn
+        if not self._tables_ready:
+            self._create_tables(conn, deadline)
+        return conn
+
+    def _create_tables(self, conn: Conn, deadline: float) -> None:
+        db = self.db
+        arm: _Arm | None = None
+        try:
+            with _WATCHDOG.guard(conn, deadline) as arm:
+                try:
+                    exists = conn.execute("SELECT to_regclass(%s)", (f"{db.s}.fleet_reservations",)).fetchone()
+                    if exists is None or exists[0] is None:
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("ddl", db.schema),))
+                        found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (db.schema,))
+                        if found.fetchone() is None:
+                            conn.execute(db.sql("CREATE SCHEMA {s}"))
+                        for ddl in FLEET_DDL:
+                            conn.execute(db.sql(ddl))
+                    conn.commit()
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+        except psycopg.Error as exc:
+            self._discard()
+            raise db.failure("cannot create the fleet budget tables", exc, timed_out=bool(arm and arm.fired),
+                             conn=conn) from None  # fmt: skip
+        self._tables_ready = True
+
+    def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        _close(conn)
+
+    def _rollback(self, conn: Conn) -> None:
+        if _broken(conn):
+            return
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            self._discard()
+
+    def _failed(self, what: str, exc: BaseException, conn: Conn | None, arm: _Arm | None) -> str:
+        fired = bool(arm and arm.fired)
+        if conn is not None and (_broken(conn) or fired):
+            self._discard()
+        if isinstance(exc, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
+            return f"{what}: the budget rows stayed locked or busy past {self.timeout:g}s ({self.db.where})"
+        if isinstance(exc, StoreError):
+            return str(exc)
+        return str(self.db.failure(what, exc, timed_out=fired, conn=conn))
+
+    # ---- jobs (budget thread only); they never raise
+    def _reserve_job(self, claim: FleetClaim, deadline: float) -> FleetOutcome:
+        if time.monotonic() >= deadline:  # queued behind a slow database past its caller's patience
+            return FleetOutcome(UNAVAILABLE, error=f"no budget session free within {self.timeout:g}s")
+        params: dict[str, Any] = {
+            "f": claim.fleet,
+            "a": claim.agent_id,
+            "r": claim.reservation_id,
+            "c": claim.cents,
+            "now": claim.at_ms,
+            "exp": claim.expires_ms,
+            "chain": self.chain_id,
+            "b": [p.name for p in claim.parts],
+            "p": [p.period for p in claim.parts],
+            "ps": [p.period_start for p in claim.parts],
+            "mx": [p.max_cents for p in claim.parts],
+            "mc": [p.max_calls for p in claim.parts],
+            "g": [p.guarded for p in claim.parts],
+        }
+        q = self._sql
+        conn: Conn | None = None
+        arm: _Arm | None = None
+        try:
+            conn = self._session(deadline)
+            with _WATCHDOG.guard(conn, deadline) as arm:
+                try:
+                    with conn.pipeline():
+                        conn.execute(q["ensure"], params)
+                        conn.execute(q["lock"], params)
+                        conn.execute(q["sweep"], params)
+                        reserved = conn.execute(q["reserve"], params)
+                        conn.execute(q["hold"], params)
+                        found = conn.execute(q["usage"], params)
+                    taken = {str(r[0]): FleetUsage(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in reserved}
+                    if len(taken) == len(claim.parts):
+                        conn.commit()
+                        return FleetOutcome(GRANTED, tuple(taken[p.name] for p in claim.parts))
+                    before = {str(r[0]): FleetUsage(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in found}
+                    conn.rollback()
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+        except (psycopg.Error, StoreError) as exc:
+            return FleetOutcome(UNAVAILABLE, error=self._failed("fleet budget reservation failed", exc, conn, arm))
+        refused = next(p.name for p in claim.parts if p.name not in taken)
+        return FleetOutcome(REFUSED, tuple(before[p.name] for p in claim.parts if p.name in before), refused)
+
+    def _settle_job(
+        self, reservation_id: str, agent_id: str | None, actual: int | None, now_ms: int, release: bool,
+        deadline: float,
+    ) -> FleetSettlement:  # fmt: skip
+        if time.monotonic() >= deadline:
+            return FleetSettlement(UNAVAILABLE, error=f"no budget session free within {self.timeout:g}s")
+        q = self._sql
+        conn: Conn | None = None
+        arm: _Arm | None = None
+        try:
+            conn = self._session(deadline)
+            with _WATCHDOG.guard(conn, deadline) as arm:
+                try:
+                    rows = conn.execute(q["find"], {"r": reservation_id, "a": agent_id}).fetchall()
+                    if not rows:
+                        conn.rollback()
+                        return FleetSettlement(UNKNOWN)
+                    owner = str(rows[0][1])
+                    params: dict[str, Any] = {
+                        "f": rows[0][0],
+                        "a": owner,
+                        "r": reservation_id,
+                        "b": [str(r[2]) for r in rows],
+                        "p": [str(r[3]) for r in rows],
+                        "ps": [int(r[4]) for r in rows],
+                        "now": now_ms,
+                        "actual": actual,
+                        "release": release,
+                    }
+                    with conn.pipeline():
+                        conn.execute(q["lock"], params)
+                        settled = conn.execute(q["settle"], params)
+                    done = settled.fetchall()
+                    conn.commit()
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+        except (psycopg.Error, StoreError) as exc:
+            return FleetSettlement(UNAVAILABLE, error=self._failed("fleet budget settlement failed", exc, conn, arm))
+        if not done:  # a concurrent settlement or sweep took it between the two statements
+            return FleetSettlement(UNKNOWN)
+        expired = all(bool(r[3]) for r in done)
+        return FleetSettlement(
+            EXPIRED if expired and not release else SETTLED,
+            owner,
+            max(int(r[1]) for r in done),
+            max(int(r[2]) for r in done),
+            tuple(sorted(str(r[0]) for r in done)),
+        )
+
+    def _open_job(self, deadline: float) -> None:
+        self._session(deadline)
+
+    # ---- the engine's side (event loop)
+    def open(self) -> None:
+        """Connect and create the tables if they are missing (start-up, off the event loop). Raises a
+        StoreError the engine refuses to start on: a role that cannot create them, a database not there."""
+        deadline = time.monotonic() + max(self.timeout, self.db.connect_timeout)
+        self._executor.submit(self._open_job, deadline).result(timeout=max(self.timeout, self.db.connect_timeout) + 5)
+
+    async def reserve(self, claim: FleetClaim) -> FleetOutcome:
+        started = time.perf_counter_ns()
+        outcome = await self._await(
+            partial(self._reserve_job, claim),
+            lambda why: FleetOutcome(UNAVAILABLE, error=why),
+            late=lambda late: self._release_late(claim.reservation_id, late),
+        )
+        self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
+        if outcome.status == UNAVAILABLE:
+            self.last_error = outcome.error
+        else:
+            self._latencies.append((time.perf_counter_ns() - started) // 1000)
+        return outcome
+
+    async def settle(
+        self, reservation_id: str, agent_id: str | None, actual: int | None, now: float
+    ) -> FleetSettlement:
+        """`complete`: settle at `actual` (None: at the estimate). `agent_id` None: whoever holds it."""
+        outcome = await self._await(
+            partial(self._settle_job, reservation_id, agent_id, actual, int(now * 1000), False),
+            lambda why: FleetSettlement(UNAVAILABLE, error=why),
+        )
+        if outcome.status == UNAVAILABLE:
+            self.last_error = outcome.error
+        return outcome
+
+    def release_soon(self, reservation_id: str, agent_id: str) -> None:
+        """Give a reservation back (its permit was never delivered: a WAL, credential or signing failure
+        after the grant). In the background; if the database does not answer, the reservation is settled
+        at its estimate when its TTL passes — more spent than true, never less."""
+        if self._closed:
+            return
+        deadline = time.monotonic() + max(self.timeout, 5.0)
+        with contextlib.suppress(RuntimeError):  # shut down meanwhile
+            future = self._executor.submit(
+                self._settle_job, reservation_id, agent_id, None, int(time.time() * 1000), True, deadline
+            )
+            future.add_done_callback(partial(self._released, reservation_id))
+
+    def _released(self, reservation_id: str, future: concurrent.futures.Future[FleetSettlement]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        result = future.result()
+        if result.status == UNAVAILABLE:
+            self._log(f"fleet budget reservation {reservation_id} not released ({result.error}); "
+                      "it is settled at its estimate when its reservation_ttl passes")  # fmt: skip
+
+    def _release_late(self, reservation_id: str, late: FleetOutcome) -> None:
+        if late.status == GRANTED:  # granted after the call was denied for want of an answer
+            with contextlib.suppress(RuntimeError):
+                self._executor.submit(self._settle_job, reservation_id, None, None, int(time.time() * 1000), True,
+                                      time.monotonic() + max(self.timeout, 5.0))  # fmt: skip
+
+    async def _await(
+        self,
+        job: Callable[[float], _T],
+        unavailable: Callable[[str], _T],
+        late: Callable[[_T], None] | None = None,
+    ) -> _T:
+        if self._closed:
+            return unavailable("the engine is shutting down")
+        deadline = time.monotonic() + self.timeout
+        try:
+            future = self._executor.submit(job, deadline)
+        except RuntimeError:
+            return unavailable("the engine is shutting down")
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout + _GRACE_S)
+        except TimeoutError:
+            # Cancelling the wrapper cancels a job still queued; one already running finishes, and `late`
+            # undoes what it did.
+            if late is not None:
+                future.add_done_callback(partial(_after_late, late))
+            return unavailable(f"no answer from {self.db.where} within {self.timeout:g}s")
+
+    def status(self) -> dict[str, Any]:
+        ordered = sorted(self._latencies)
+        return {
+            "database": self.db.where,
+            "timeout_seconds": self.timeout,
+            "granted": self.counts.get(GRANTED, 0),
+            "refused": self.counts.get(REFUSED, 0),
+            "unavailable": self.counts.get(UNAVAILABLE, 0),
+            "reservation_p50_us": ordered[len(ordered) // 2] if ordered else None,
+            "reservation_p99_us": ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)] if ordered else None,
+            "last_error": self.last_error,
+        }
+
+    def close(self) -> None:
+        """Let queued releases run (each bounded by its deadline), then close the session."""
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        self._discard()
+
+
+def _after_late(late: Callable[[_T], None], future: concurrent.futures.Future[_T]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    late(future.result())
