@@ -131,7 +131,9 @@ class ToolDenied(FarameshError):
     Attributes mirror the engine's ``structured_denial``:
 
     - ``code``: ``POLICY_DENY``, ``POLICY_DEFER``, ``RATE_EXCEEDED``, ``BUDGET_EXCEEDED``,
-      ``IDENTITY_MISMATCH``, ``WAL_WRITE_FAILURE``, ``INVALID_REQUEST``, ``DAEMON_NOT_READY`` …
+      ``BUDGET_UNAVAILABLE``, ``EGRESS_DENIED``, ``CREDENTIAL_UNAVAILABLE``, ``SIGNING_UNAVAILABLE``,
+      ``IDENTITY_MISMATCH``, ``IDENTITY_INVALID``, ``IDENTITY_UNAVAILABLE``, ``WAL_WRITE_FAILURE``,
+      ``INVALID_REQUEST``, ``DAEMON_NOT_READY`` …
     - ``human_message``: why, in words (an operator's reason when an operator denied the call).
     - ``rule_ref``: the rule that decided (``governance.fms:24``), or None.
     - ``resolution``: what would change the answer, e.g. ``{"type": "pending_approval",

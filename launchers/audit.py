@@ -762,6 +762,13 @@ def explain(
         when = epoch_ms / 1000 if isinstance(epoch_ms, int) else None
         agent_id = str(dpr["agent_id"])
         state = _state_before(reader, compiled, agent_id, rec.seq, when) if when is not None else None
+        from types import MappingProxyType
+
+        from faramesh.engine.policy.limits import StateSnapshot, recorded_fleet_usage
+
+        fleet = recorded_fleet_usage(dpr)
+        if state is not None and fleet:  # a fleet budget's usage came from the database: the DPR kept it
+            state = StateSnapshot(state.rate, MappingProxyType({**state.budgets, **fleet}))
     from faramesh.engine.policy.limits import EMPTY_STATE
 
     request = {"agent_id": agent_id, "tool_id": dpr.get("tool"), "args": args or {}, "time": when, "principal": {}}

@@ -680,7 +680,7 @@ def _status_once(stack: Path, socket: Path | None, format: Format, *, compact: b
             sys.stdout.write(line)
         for b in reply["budgets"]:
             used = b["spent_cents"] + b["reserved_cents"]
-            name = f"{b['agent_id']}/{b['name']}"
+            name = f"{b['agent_id']}/{b['name']}" + (" (fleet)" if b.get("scope") == "fleet" else "")
             sys.stdout.write(f"budget    {name}: {used}c of {b['max_cents']}c, {b['calls']} calls\n")
         alerts = reply.get("alerts")
         if alerts:

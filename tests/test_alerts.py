@@ -549,3 +549,16 @@ def test_status_watch_text_redraws_and_keeps_watching_a_stopped_engine(tmp: Path
             proc.wait()
     assert rc == 0
     assert "DOWN" in first and "DOWN" in second
+
+
+def test_sandbox_violation_alerts_fire_from_the_supervisors_report(tmp: Path, receiver: Receiver) -> None:
+    eng = start_engine(tmp, alert_policy(receiver.url, on="sandbox_violation"))
+    try:
+        with eng.conn("operator") as op:
+            reply = op.call({"type": "sandbox_violation", "agent_id": "bot", "attempts": {"mount": 3, "ptrace": 1}})
+        assert reply.get("count") == 4, reply
+        (got,) = receiver.wait_for(1)
+        assert got["body"]["event"] == "sandbox_violation" and got["body"]["agent"] == "bot"
+        assert got["body"]["code"] == "SANDBOX_VIOLATION"
+    finally:
+        eng.stop()

@@ -200,3 +200,9 @@ def test_a_restarted_engine_runs_as_faramesh_too(applied: Applied) -> None:
     _wait(restarted, timeout=max(1.0, deadline - time.monotonic()))
     assert _status(_engine_pid(applied))["Uid"].split()[0] == str(pwd.getpwnam("faramesh").pw_uid)
     assert json.loads(applied.faramesh("status", "--format", "json").stdout)["daemon"]["state"] == "READY"
+
+
+def test_operator_socket_belongs_to_the_operators_group(applied: Applied) -> None:
+    """DESIGN.md §2: members of faramesh-operators use operator.sock; nobody else may."""
+    st = _paths(applied).operator_socket.stat()
+    assert st.st_gid == grp.getgrnam("faramesh-operators").gr_gid and st.st_mode & 0o777 == 0o660
