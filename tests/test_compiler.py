@@ -710,3 +710,12 @@ def test_a_postgres_wal_without_its_url_is_refused_at_compile_time() -> None:
     assert info.value.pos is not None and ":2:" in str(info.value.pos)
     ok = compile_src(src.replace('backend = "postgres"\n', 'backend = "postgres"\n  postgres_url = env("PG")\n'))
     assert ok.runtime["postgres_url"] == {"$env": "PG"}
+
+
+@pytest.mark.parametrize("entry", ["api.*.com", "http://u@api.example.com", "10.0.0.0/33", "api.example.com:99999"])
+def test_a_bad_egress_entry_is_a_compile_error(entry: str) -> None:
+    src = f'agent "a" {{\n  default deny\n  egress {{ allow = ["{entry}"] }}\n}}\n'
+    with pytest.raises(PolicySchemaError, match="egress"):
+        compile_src(src)
+    ok = compile_src('agent "a" {\n  default deny\n  egress { allow = ["api.example.com:443", "*.example.org"] }\n}\n')
+    assert ok.agents["a"].settings["egress"]["allow"] == ("api.example.com:443", "*.example.org")

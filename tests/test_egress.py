@@ -562,8 +562,24 @@ def test_audit_mode_records_the_egress_denial_and_lets_the_call_go(tmp: Path) ->
         eng.stop()
 
 
+def _with_entry(tmp: Path, entry: str) -> Any:
+    """A compiled artifact whose egress entry `check` would refuse: written by hand (the engine must still
+    refuse it — the compiler is not the engine's only line of defence)."""
+    from faramesh.engine.policy.model import policy_from_json
+
+    good = compile_policy(make_stack(tmp, EGRESS_POLICY))[0]
+    return policy_from_json(good.to_json().replace(b'"10.0.0.5"', f'"{entry}"'.encode()))
+
+
+def test_an_unreadable_egress_entry_is_a_compile_error(tmp: Path) -> None:
+    from faramesh.engine.policy.errors import PolicySchemaError
+
+    with pytest.raises(PolicySchemaError, match="egress"):
+        compile_policy(make_stack(tmp, EGRESS_POLICY.replace('"10.0.0.5"', '"api.*.example.com"')))
+
+
 def test_an_unreadable_egress_entry_refuses_the_start(tmp: Path) -> None:
-    policy = compile_policy(make_stack(tmp, EGRESS_POLICY.replace('"10.0.0.5"', '"api.*.example.com"')))[0]
+    policy = _with_entry(tmp, "api.*.example.com")
     eng = InProcessEngine(policy, tmp / "run").start(wait_ready=False)
     assert eng.join(20) == 1
     assert eng.server.lifecycle == "HALT"
@@ -574,7 +590,7 @@ def test_an_unreadable_egress_entry_is_denied_if_it_ever_reaches_the_pipeline() 
 
     stack = short_tmpdir()
     try:
-        policy = compile_policy(make_stack(stack, EGRESS_POLICY.replace('"10.0.0.5"', '"a b"')))[0]
+        policy = _with_entry(stack, "a b")
     finally:
         shutil.rmtree(stack, ignore_errors=True)
     state = EngineState(policy, hmac_key=b"k" * 32, dev=False)

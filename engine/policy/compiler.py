@@ -366,6 +366,8 @@ class _Compiler:
                 raise PolicySchemaError(f"`{block.kind}` is declared twice in this agent", pos=block.pos)
             else:
                 settings[block.kind] = values
+            if block.kind == "egress":
+                _check_egress(values, block.pos)
         for assignment in a.fields:
             if assignment.name not in schema.AGENT_FIELDS:
                 options = [*schema.AGENT_FIELDS, *schema.AGENT_BLOCKS, "default", "rules", "framework", "budget"]
@@ -481,6 +483,17 @@ def credential_route(text: str, r: RuleDecl) -> str:
     except ValueError:
         raise PolicySchemaError(f"via {text!r}: bad port", pos=r.pos) from None
     return f"{method} http://{url.hostname.lower()}:{port}{url.path or '/'} {header}"
+
+
+def _check_egress(block: Mapping[str, Any], pos: Any) -> None:
+    """Every egress entry must read the same way for the proxy (ports) and the SDK tier: caught by `check`
+    rather than by an engine that refuses to start on the production host."""
+    from faramesh.engine.egress import EgressConfigError, compile_egress, without_ports
+
+    try:
+        compile_egress(without_ports(block))
+    except EgressConfigError as exc:
+        raise PolicySchemaError(f"egress: {exc}", pos=pos) from None
 
 
 def _unique_credential_refs(rules: list[dict[str, Any]], decls: tuple[RuleDecl, ...]) -> None:
