@@ -102,7 +102,9 @@ def stack_paths(stack_dir: Path, *, euid: int | None = None, env: Mapping[str, s
     # Sockets must fit sun_path: fall back to a short directory when the natural one is too long.
     longest = runtime / "agents" / ("x" * 16) / "agent.sock"
     if len(str(longest)) > SUN_PATH_MAX:
-        runtime = Path(f"/tmp/fm-{euid}") / hashlib.sha256(str(runtime).encode()).hexdigest()[:12]
+        # Root never in world-writable /tmp (another user could own /tmp/fm-0 first): /run/faramesh/s.
+        short = Path("/run/faramesh/s") if euid == 0 else Path(f"/tmp/fm-{euid}")
+        runtime = short / hashlib.sha256(str(runtime).encode()).hexdigest()[:12]
     if env.get("FARAMESH_LOG_DIR"):
         log = Path(env["FARAMESH_LOG_DIR"]) / sid
     else:

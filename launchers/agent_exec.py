@@ -75,7 +75,7 @@ def main(args: list[str] | None = None) -> int:
         spec = sandbox_launch.spec_from_json(raw)
         sys.stdout.flush()
         sys.stderr.flush()
-        if os.isatty(0):  # never hand the operator's terminal to the agent: a new pty, relayed
+        if any(os.isatty(fd) for fd in (0, 1, 2)):  # never hand the operator's terminal to the agent: a pty
             from faramesh.launchers.pty_relay import run_with_pty
 
             return run_with_pty(lambda: sandbox_launch.launch(spec, argv, report_fd=report_fd))

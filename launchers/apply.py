@@ -562,6 +562,22 @@ def _wait_unlocked(path: Path, timeout: float) -> bool:
     return True
 
 
+def _is_engine(pid: int, stack: Path) -> bool:
+    """`faramesh serve --dir STACK`, run by root or the engine's service user."""
+    from faramesh.supervisor.service_user import lookup_service_user
+
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        uids = next(
+            line.split()[1:] for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:")
+        )
+    except (OSError, StopIteration):
+        return False
+    service = lookup_service_user()
+    allowed = {"0", str(os.geteuid())} | ({str(service.uid)} if service is not None else set())
+    return b"serve" in args and str(stack).encode() in args and all(u in allowed for u in uids)
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
     from faramesh.supervisor.layout import is_zombie_or_gone
 
@@ -625,6 +641,10 @@ def stop(stack: Path) -> int:
     if orphans:
         stopped.append(f"{orphans} process(es) left by a dead supervisor")
     eng = lock_holder(paths.lock_file)
+    if eng is not None and not _is_engine(eng, stack):
+        # engine.lock is the engine user's file: the pid in it is a claim, checked before root signals it.
+        _err(f"{paths.lock_file} names pid {eng}, which is not this stack's engine: not signalled")
+        eng = None
     if eng is not None:
         _signal(eng, signal.SIGTERM)
         if not _wait_unlocked(paths.lock_file, STOP_TIMEOUT):

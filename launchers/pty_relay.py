@@ -10,6 +10,10 @@ child C1 through the terminal's foreground process group, and C1 forwards it int
 every launch does. The slave has echo and canonical mode off, so the real terminal's line discipline is
 the only one (no double echo). Window size is copied at start and on SIGWINCH.
 
+Limit: the agent's output reaches the operator's terminal byte for byte, escape sequences included
+(a terminal emulator that acts on OSC 52 clipboard writes or title reports acts on the agent's); the
+relay takes the terminal's controls away from the agent, not its rendering.
+
 Lean like the rest of the launch path: os, select, termios, fcntl, struct and the C signal module.
 """
 

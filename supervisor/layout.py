@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shlex
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,17 +97,47 @@ def lock_holder(path: Path) -> int | None:
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomic replace; never follows a symlink at `path` (the rename replaces the link itself)."""
+    """Atomic replace; never follows a symlink at `path` (the rename replaces the link itself).
+
+    The temporary file gets an unpredictable name and O_EXCL: root writes into directories the engine's
+    user can also create entries in (sticky root:faramesh, supervisor/service_user.py), and a name it
+    could guess and create first would hand it a descriptor on what root writes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
+        os.fchmod(fd, mode)
         os.write(fd, data)
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
-    os.chmod(tmp, mode)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    os.close(fd)
     os.replace(tmp, path)
+
+
+def open_root_file(path: Path, mode: int = 0o600) -> int:
+    """A root-owned regular file at `path`, opened read-write and never through a symlink: anything else
+    there (a link, a FIFO, a file another user planted in a directory it may write) is removed first —
+    root may, the directories are its own — and the file is created anew with O_EXCL."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        fd = -1
+    except OSError:  # ELOOP (a symlink) and the like: not ours
+        fd = -1
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            path.unlink()
+    if fd >= 0:
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            return fd
+        os.close(fd)
+        path.unlink()
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
 
 
 def ensure_pkg_root(files: SupervisorFiles) -> Path:

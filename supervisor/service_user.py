@@ -88,14 +88,18 @@ def ensure_service_user() -> ServiceUser:
 
 
 def _own_dir(path: Path, uid: int, gid: int, mode: int) -> None:
-    """mkdir (parents 0755) and set owner and mode on a real directory; a symlink is refused (root
-    must never follow one into a place someone else chose)."""
+    """mkdir (parents 0755) and set owner and mode on a real directory, through an O_NOFOLLOW descriptor:
+    a link planted (or swapped in) where the directory belongs is refused, never followed."""
     path.mkdir(parents=True, exist_ok=True, mode=mode & 0o777)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise ServiceUserError(f"{path} is not a directory")
-    os.chown(path, uid, gid, follow_symlinks=False)
-    os.chmod(path, mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ServiceUserError(f"{path} is not a directory (or is a link): {exc.strerror}") from None
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _searchable(path: Path) -> None:
@@ -108,11 +112,17 @@ def _searchable(path: Path) -> None:
 
 
 def _own_tree(path: Path, uid: int, gid: int) -> None:
+    """Hand the engine what a previous (perhaps root) engine left. os.fwalk works on directory fds and
+    skips a directory swapped for a link between listing and opening it, so a tree the engine's user
+    can rearrange while root walks it never leads root's chown outside it."""
+    st = os.lstat(path)
     os.chown(path, uid, gid, follow_symlinks=False)
-    if os.path.isdir(path) and not os.path.islink(path):
-        for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
-            for name in (*dirnames, *filenames):
-                os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    for _root, dirs, files, dirfd in os.fwalk(path, follow_symlinks=False):
+        for name in (*dirs, *files):
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
 
 
 # Entries of the state and runtime dirs that stay root's: what the supervisor reads and acts on as root
@@ -125,6 +135,22 @@ STICKY_GROUP_DIR = 0o1770  # root:faramesh: the engine writes its own entries, r
 STICKY_TRAVERSABLE_DIR = 0o1771  # the same, plus search (no listing) for agents binding their socket dir
 
 
+def _share_policy_copy(path: Path, gid: int) -> None:
+    """root:faramesh 0640 on the policy copy `apply` wrote — only on that file: a root-owned regular file
+    with one link (a link or a hard link the engine's user planted in its place is left alone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, OSError):
+        return
+    try:
+        st = os.fstat(fd)
+        if st.st_uid == 0 and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            os.fchown(fd, 0, gid)
+            os.fchmod(fd, 0o640)  # the engine reads it; only `apply` (root) writes it
+    finally:
+        os.close(fd)
+
+
 def prepare_engine_dirs(
     paths: StackPaths, user: ServiceUser, agent_gids: Mapping[str, int], wal_dir: str | None = None
 ) -> None:
@@ -135,9 +161,7 @@ def prepare_engine_dirs(
     for entry in os.listdir(paths.state_dir):
         if entry not in ROOT_STATE:  # keys, WAL, approvals a previous (perhaps root) engine left
             _own_tree(paths.state_dir / entry, user.uid, user.gid)
-    if paths.policy_copy.exists():
-        os.chown(paths.policy_copy, 0, user.gid, follow_symlinks=False)
-        os.chmod(paths.policy_copy, 0o640)  # the engine reads it; only `apply` (root) writes it
+    _share_policy_copy(paths.policy_copy, user.gid)
     if wal_dir:
         _own_dir(Path(wal_dir), user.uid, user.gid, 0o700)
         for wal_file in Path(wal_dir).glob(f"{paths.stack_id}.sqlite*"):
@@ -146,10 +170,17 @@ def prepare_engine_dirs(
     agents = paths.runtime_dir / "agents"
     _own_dir(agents, 0, user.gid, STICKY_TRAVERSABLE_DIR)
     # Sockets a previous engine left are root's or faramesh's: gone before the engine binds anew.
-    stale = [paths.runtime_dir / "operator.sock", paths.runtime_dir / "egress.sock", *agents.glob("*/agent.sock")]
-    for sock in stale:
+    for sock in (paths.runtime_dir / "operator.sock", paths.runtime_dir / "egress.sock"):
         if sock.is_socket():
             sock.unlink()
+    for sub in agents.iterdir():  # each agent dir is the engine's: remove through an O_NOFOLLOW dir fd
+        with contextlib.suppress(OSError):
+            dfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if stat.S_ISSOCK(os.lstat("agent.sock", dir_fd=dfd).st_mode):
+                    os.unlink("agent.sock", dir_fd=dfd)
+            finally:
+                os.close(dfd)
     for agent_id, gid in agent_gids.items():
         _own_dir(agents / agent_dir_name(agent_id), user.uid, gid, 0o750)
 

@@ -51,6 +51,7 @@ from faramesh.supervisor.layout import (
     ensure_pkg_root,
     launcher_argv,
     lock_holder,
+    open_root_file,
     open_traversal,
     plan_agents,
     prepare_workspace,
@@ -573,7 +574,8 @@ def install_agent_specs(stack: Path, files: SupervisorFiles, plans: list[AgentPl
 
 def _acquire(files: SupervisorFiles) -> IO[str] | None:
     files.lock_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    handle = open(files.lock_file, "a+")  # noqa: SIM115 - held for the supervisor's lifetime
+    # The state dir is shared with the engine's user: never open root's lock through a link it planted.
+    handle = os.fdopen(open_root_file(files.lock_file, 0o644), "a+")  # held for the supervisor's lifetime
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
