@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,6 +35,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from backends import bao_server
+from backends import free_port as _free_port
+from backends import require as _require
+from backends import stop as _stop
+from backends import wait_http as _wait_http
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -80,85 +84,6 @@ SENTINEL = "SENTINEL-" + secrets.token_hex(12)  # planted in Vault: must appear 
 AWS_SENTINEL = "AWS-SENTINEL-" + secrets.token_hex(12)
 AWS_SECRET_KEY = "aws-secret-" + secrets.token_hex(16)  # the engine's AWS secret key: never in argv/env/logs
 WAIT = 60.0  # an upper bound that keeps a broken test from hanging; no assertion depends on it
-
-
-def _require(binary: Path) -> None:
-    if not binary.exists():
-        message = f"{binary} is missing (install the test extras: pip install -e '.[test,providers]')"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-def _free_port(pair: bool = False) -> int:
-    """A loopback port that is free now (and, for bao, so is port + 1, its cluster port)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if not pair:
-            return port
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free loopback port pair")
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers: that is all we wait for
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not answer at {url}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-@dataclass(frozen=True)
-class Bao:
-    addr: str
-    root_token: str
-    proc: subprocess.Popen[bytes]
-
-
-@contextlib.contextmanager
-def bao_server(tmp: Path) -> Iterator[Bao]:
-    binary = VENV_BIN / "bao"
-    _require(binary)
-    port = _free_port(pair=True)
-    token = "root-" + secrets.token_hex(12)
-    log = (tmp / f"bao-{port}.log").open("wb")
-    proc = subprocess.Popen(
-        [str(binary), "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{port}"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env={"PATH": os.defpath, "HOME": str(tmp)},
-    )
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/v1/sys/health", proc, "bao")
-        yield Bao(f"http://127.0.0.1:{port}", token, proc)
-    finally:
-        _stop(proc)
-        log.close()
 
 
 @dataclass(frozen=True)
