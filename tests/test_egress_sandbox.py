@@ -220,8 +220,8 @@ def test_the_proxy_variables_point_at_the_handed_over_listener(egress: tuple[App
 def test_an_allowed_destination_is_reached_through_the_proxy(egress: tuple[Applied, dict[str, Any], int]) -> None:
     _, out, _ = egress
     assert out["allowed"] == [200, "hello-from-upstream /ok"], out
-    if shutil.which("curl"):
-        assert out["curl"] == "hello-from-upstream /curl 200", out
+    assert shutil.which("curl"), "curl is missing (Makefile DEB_PACKAGES installs it)"
+    assert out["curl"] == "hello-from-upstream /curl 200", out
     assert "/ok" in _Upstream.seen
 
 
@@ -305,7 +305,7 @@ def test_tls_through_connect_and_nothing_else(egress: tuple[Applied, dict[str, A
     entry does not name is refused; no resolver is reachable from inside."""
     _, out, _ = egress
     assert out["https"] == [200, "hello-from-upstream /tls"], out
-    if shutil.which("curl"):
-        assert out["curl_tls"] == "hello-from-upstream /curl-tls", out
+    assert shutil.which("curl"), "curl is missing (Makefile DEB_PACKAGES installs it)"
+    assert out["curl_tls"] == "hello-from-upstream /curl-tls", out
     assert "403" in out["connect_22"], out
     assert out["dns"] == "gaierror", out
