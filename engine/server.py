@@ -793,6 +793,11 @@ class EngineServer:
         now = self.clock()
         return now, new_ulid(now, self.random_bytes), rfc3339(now)
 
+    def _event(self, action_type: str) -> dict[str, Any]:
+        """The head of a DPR the engine makes itself (not a decision): a fresh id and its times."""
+        now, record_id, timestamp = self._ids()
+        return {"id": record_id, "time": timestamp, "epoch_ms": int(now * 1000), "action_type": action_type}
+
     # ---- verbs
     async def _verb_govern(self, message: Message, peer: Peer) -> dict[str, Any]:
         started = self.clock_ns()
@@ -1236,13 +1241,9 @@ class EngineServer:
     async def _verb_config_event(self, message: Message, peer: Peer) -> dict[str, Any]:
         """`faramesh unlock` / `apply` tell the engine the stack's config was unlocked or locked: a DPR on
         the chain, so `audit` shows who lifted the immutable flags and when (operator socket only)."""
-        now, record_id, timestamp = self._ids()
         by = message.fields.get("by")
         record = {
-            "id": record_id,
-            "time": timestamp,
-            "epoch_ms": int(now * 1000),
-            "action_type": message.fields["event"],
+            **self._event(message.fields["event"]),
             "paths": list(message.fields.get("paths") or []),
             "policy_version": self.policy.version,
             "by": f"uid:{peer.uid}" + (f" ({by})" if isinstance(by, str) and by else ""),
@@ -1254,7 +1255,7 @@ class EngineServer:
         except StoreError as exc:
             raise _VerbError("WAL_WRITE_FAILURE", f"the {message.fields['event']} event could not be recorded") from exc
         self._show(record)
-        return {"id": record_id, "action_type": record["action_type"], "policy_version": self.policy.version}
+        return {"id": record["id"], "action_type": record["action_type"], "policy_version": self.policy.version}
 
     async def _ensure_egress(self, previous: CompiledPolicy | None) -> None:
         """The egress proxy runs while some agent has an `egress` block (and the engine has an intake path)."""
@@ -1270,9 +1271,7 @@ class EngineServer:
 
     async def _record_egress(self, fields: dict[str, Any]) -> None:
         """One proxy connection (or an aggregate of them) as a DPR; denies fire the agent's alerts."""
-        now, record_id, timestamp = self._ids()
-        record = {"id": record_id, "time": timestamp, "epoch_ms": int(now * 1000), **fields,
-                  "policy_version": self.policy.version, "dev": self.state.dev}  # fmt: skip
+        record = {**self._event("egress"), **fields, "policy_version": self.policy.version, "dev": self.state.dev}
         await self.wal.append(record)
         self._show(record)
         agent = self.policy.agents.get(str(record.get("agent_id")))
@@ -1287,12 +1286,8 @@ class EngineServer:
         if agent_id not in self.policy.agents:
             raise _VerbError("INVALID_REQUEST", f"no agent {agent_id!r} in the running policy")
         attempts = {str(k): int(v) for k, v in sorted(message.fields["attempts"].items())}
-        now, record_id, timestamp = self._ids()
         record = {
-            "id": record_id,
-            "time": timestamp,
-            "epoch_ms": int(now * 1000),
-            "action_type": "sandbox_violation",
+            **self._event("sandbox_violation"),
             "agent_id": agent_id,
             "effect": "DENY",
             "code": "SANDBOX_VIOLATION",
@@ -1312,7 +1307,7 @@ class EngineServer:
         agent = self.policy.agents.get(agent_id)
         if agent is not None and agent.alerts:  # `alert { on = "sandbox_violation" }` (and "deny", "any")
             self.alerts.decision(agent, record, None)
-        return {"id": record_id, "action_type": "sandbox_violation", "count": record["count"]}
+        return {"id": record["id"], "action_type": "sandbox_violation", "count": record["count"]}
 
     async def _verb_shutdown(self, message: Message, peer: Peer) -> dict[str, Any]:
         asyncio.get_running_loop().call_soon(self._stop.set)

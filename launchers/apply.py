@@ -628,11 +628,7 @@ def stop(stack: Path) -> int:
             _wait_unlocked(files.lock_file, 5)
         zygote = state.get("zygote_pid")
         if isinstance(zygote, int):  # it exits once its supervisor is gone and its C1s reaped
-            from faramesh.supervisor.layout import is_zombie_or_gone
-
-            deadline = time.monotonic() + 2.0
-            while not is_zombie_or_gone(zygote) and time.monotonic() < deadline:
-                time.sleep(0.02)
+            _wait_gone(zygote, 2.0)
         if not _wait_gone(sup, STOP_GRACE + 5):
             _signal(sup, signal.SIGKILL)
             _wait_gone(sup, 5)
